@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine with Python 3.11 (see README.md):
+#   make demo   set up .venv and run the main job end to end on the embedded defaults
+#   make test   set up .venv and run the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: demo test bench clean-work setup
+
+setup: $(STAMP)
+
+# uv resolves and installs the pinned dependencies (about 5 GB, mostly torch's CUDA wheels) much faster than pip.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
+	$(BIN)/uv pip install --python $(BIN)/python -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m jobs.demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+clean-work:
+	rm -rf work
