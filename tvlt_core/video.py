@@ -1,0 +1,124 @@
+"""Frame transforms, one section per model.
+
+TVLT (what ``TvltImageProcessor`` does, split in two so shards can hold ready-sized JPEG frames):
+
+    frames uint8 (T, H, W, 3), any size
+      -> resize_center_crop: shortest edge to 224 with PIL bilinear (long edge int(224 * long / short)),
+         centre crop 224 x 224                                   -> uint8 (T, 224, 224, 3)   [preprocessing]
+      -> normalize: x / 255, then (x - 0.5) / 0.5                 -> float32 (T, 3, 224, 224) in [-1, 1]   [loading]
+      -> pad_videos: stack clips of up to ``num_frames`` frames   -> pixel_values (B, T, 3, 224, 224), pixel_mask
+
+``pixel_mask`` (B, T * (224 // 16) ** 2) is 1 for patches of real frames, 0 for padded frames, frame-major.
+One resizer (PIL bilinear) serves preprocessing, training and evaluation: decoder-side scalers give different
+pixels (about 4.5/255 on average), so frames resized elsewhere would not match what the model was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+# ----------------------------------------------------------------------------------------------------- TVLT
+
+TVLT_IMAGE_SIZE = 224
+TVLT_PATCH_SIZE = 16
+TVLT_NUM_FRAMES = 8
+
+
+def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(new_height, new_width) with the short edge at ``size``; the long edge is truncated like the reference."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop an (H, W, C) array with H, W >= size to (size, size, C); odd margins leave the extra row/column
+    at the bottom/right, as the reference does."""
+    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def resize_center_crop(frames: np.ndarray | torch.Tensor, size: int = TVLT_IMAGE_SIZE) -> np.ndarray:
+    """Resize every frame's shortest edge to ``size`` (PIL bilinear) and centre crop to ``size`` x ``size``.
+
+    Args:
+        frames: uint8 (T, H, W, 3) RGB, or one frame (H, W, 3).
+    Returns:
+        uint8 (T, size, size, 3) (or (size, size, 3) for one frame), C-contiguous.
+    """
+    array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if array.dtype != np.uint8:
+        raise TypeError(f"resize_center_crop expects uint8 frames, got {array.dtype}")
+    single = array.ndim == 3
+    if single:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape (T, H, W, 3), got {array.shape}")
+    new_h, new_w = _shortest_edge_size(array.shape[1], array.shape[2], size)
+    out = np.empty((array.shape[0], size, size, 3), dtype=np.uint8)
+    for i, frame in enumerate(array):
+        resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), resample=Image.BILINEAR))
+        out[i] = _center_crop(resized, size)
+    return out[0] if single else out
+
+
+def normalize(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, 3) RGB -> float32 (T, 3, H, W) in [-1, 1] ((x / 255 - 0.5) / 0.5, mean = std = 0.5)."""
+    tensor = torch.as_tensor(np.asarray(frames) if not isinstance(frames, torch.Tensor) else frames)
+    if tensor.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 frames, got {tensor.dtype}")
+    if tensor.dim() != 4 or tensor.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape (T, H, W, 3), got {tuple(tensor.shape)}")
+    return tensor.permute(0, 3, 1, 2).to(torch.float32).div(255.0).sub(0.5).div(0.5).contiguous()
+
+
+def pixel_mask(
+    frame_counts: Sequence[int],
+    *,
+    num_frames: int | None = None,
+    image_size: int = TVLT_IMAGE_SIZE,
+    patch_size: int = TVLT_PATCH_SIZE,
+) -> torch.Tensor:
+    """Patch mask for a batch of clips with ``frame_counts[i]`` real frames each.
+
+    Returns:
+        (B, num_frames * (image_size // patch_size) ** 2) float32, 1 on patches of real frames; ``num_frames``
+        defaults to the largest count (as the reference image processor does).
+    """
+    patches_per_frame = (image_size // patch_size) ** 2
+    total = max(frame_counts) if num_frames is None else num_frames
+    if max(frame_counts) > total:
+        raise ValueError(f"a clip has {max(frame_counts)} frames, more than num_frames={total}")
+    mask = torch.zeros(len(frame_counts), total * patches_per_frame, dtype=torch.float32)
+    for i, count in enumerate(frame_counts):
+        mask[i, : count * patches_per_frame] = 1.0
+    return mask
+
+
+def pad_videos(
+    videos: Sequence[torch.Tensor],
+    *,
+    num_frames: int | None = None,
+    patch_size: int = TVLT_PATCH_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack normalised clips (T_i, 3, S, S) into ``pixel_values`` (B, T, 3, S, S) and ``pixel_mask``.
+
+    Missing frames are zeros; the model ignores them through ``pixel_mask`` (and the MAE loss skips them).
+    ``num_frames`` defaults to the longest clip.
+    """
+    if len(videos) == 0:
+        raise ValueError("pad_videos needs at least one clip")
+    shape = tuple(videos[0].shape[1:])
+    if len(shape) != 3 or any(tuple(v.shape[1:]) != shape for v in videos):
+        raise ValueError(f"clips must share (3, S, S) frames, got {[tuple(v.shape) for v in videos]}")
+    counts = [v.shape[0] for v in videos]
+    total = max(counts) if num_frames is None else num_frames
+    mask = pixel_mask(counts, num_frames=total, image_size=shape[-1], patch_size=patch_size)
+    pixel_values = torch.zeros(len(videos), total, *shape, dtype=torch.float32)
+    for i, v in enumerate(videos):
+        pixel_values[i, : v.shape[0]] = v
+    return pixel_values, mask
