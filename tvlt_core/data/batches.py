@@ -1,0 +1,108 @@
+"""Per-task sample transforms and collation: decoded shard samples -> the model's keyword arguments.
+
+TVLT pretraining (``TvltBatcher``), per batch::
+
+    pixel_values        (B, T, 3, S, S) float32 in [-1, 1]   T = num_frames, S = image_size
+    pixel_mask          (B, T * (S / P)^2)                    1 on patches of real frames
+    audio_values        (B, 1, A, 128) float32                A = longest clip rounded up to 16 frames
+    audio_mask          (B, A / 16 * 8)                        1 on patches holding real frames
+    pixel_values_mixed  (B, T, 3, S, S)                        the video shown with each clip's audio for matching
+    pixel_mask_mixed    (B, T * (S / P)^2)
+    labels              (B, 1) float32                         1 when pixel_values_mixed[i] is clip i's own video
+    keys                list[str]                              sample keys, for tracing
+
+TVP grounding (``TvpBatcher``), per batch::
+
+    pixel_values        (B, T, 3, S, S) float32               the TVP processor's frames (BGR, padded to S)
+    input_ids           (B, L) int64                           one query per sample, padded to L
+    attention_mask      (B, L) int64
+    labels              (B, 3) float32                         duration, start, end in seconds
+    keys, sentences     list[str]
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tvlt_core import audio, video
+from tvlt_core.shards import DecodedSample
+
+log = logging.getLogger(__name__)
+
+
+def uniform_indices(available: int, wanted: int) -> np.ndarray:
+    """``wanted`` frame indices spread evenly over ``available`` frames (all of them when there are fewer)."""
+    if available <= wanted:
+        return np.arange(available)
+    return np.linspace(0, available - 1, wanted).round().astype(int)
+
+
+def _resize(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """(T, 3, H, W) -> (T, 3, size, size). Only small presets train on frames smaller than the stored 224 px."""
+    if frames.shape[-1] == size and frames.shape[-2] == size:
+        return frames
+    return F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+@dataclass
+class TvltBatcher:
+    """Frames, spectrograms and matching pairs for ``TvltForPreTraining``.
+
+    mismatch_prob: share of clips whose audio is shown with another clip's video for the matching task (the
+    published recipe uses 0.5). Set ``matching=False`` when the model's ``task_matching`` is off.
+    """
+
+    image_size: int
+    num_frames: int
+    patch_size: int
+    max_audio_frames: int
+    matching: bool = True
+    mismatch_prob: float = 0.5
+
+    def prepare(self, sample: DecodedSample, rng: random.Random) -> dict[str, Any]:
+        frames = sample.frames[uniform_indices(len(sample.frames), self.num_frames)]
+        pixels = _resize(video.normalize(frames), self.image_size)
+        if sample.mel is not None:
+            mel = torch.from_numpy(sample.mel[: self.max_audio_frames])
+        else:  # a silent clip: -1 is what log_mel gives digital silence after normalisation
+            seconds = float(sample.record.get("end", 0.0)) - float(sample.record.get("start", 0.0))
+            length = min(self.max_audio_frames, max(audio.TIME_PATCH, int(seconds * audio.SAMPLE_RATE / audio.HOP_LENGTH)))
+            mel = torch.full((length, audio.NUM_MEL_BINS), -1.0)
+        return {"key": sample.key, "pixels": pixels, "mel": mel}
+
+    def collate(self, items: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
+        pixel_values, pixel_mask = video.pad_videos(
+            [it["pixels"] for it in items], num_frames=self.num_frames, patch_size=self.patch_size
+        )
+        audio_values, audio_mask = audio.pad_batch([it["mel"] for it in items])
+        batch = {
+            "pixel_values": pixel_values,
+            "pixel_mask": pixel_mask,
+            "audio_values": audio_values,
+            "audio_mask": audio_mask,
+            "keys": [it["key"] for it in items],
+        }
+        if self.matching:
+            shown = self.draw_pairs(len(items), rng)
+            batch["pixel_values_mixed"] = pixel_values[shown]
+            batch["pixel_mask_mixed"] = pixel_mask[shown]
+            batch["labels"] = (shown == torch.arange(len(items))).float().unsqueeze(1)
+        return batch
+
+    def draw_pairs(self, batch_size: int, rng: random.Random) -> torch.Tensor:
+        """(B,) index of the video shown with each clip's audio: itself, or (with ``mismatch_prob``) another."""
+        shown = torch.arange(batch_size)
+        if batch_size < 2:
+            return shown  # no other clip to pair with; config validation asks for batches of 2 or more
+        for i in range(batch_size):
+            if rng.random() < self.mismatch_prob:
+                j = rng.randrange(batch_size - 1)
+                shown[i] = j if j < i else j + 1
+        return shown
