@@ -122,3 +122,78 @@ def pad_videos(
     for i, v in enumerate(videos):
         pixel_values[i, : v.shape[0]] = v
     return pixel_values, mask
+
+
+# ----------------------------------------------------------------------------------------------------- TVP
+# What ``TvpImageProcessor`` does with its defaults (``Intel/tvp-base``), split like TVLT's so shards can hold
+# ready-sized uint8 frames:
+#
+#     frames uint8 (T, H, W, 3) RGB, any size
+#       -> tvp_resize_pad: longest edge to S with PIL bilinear (short edge int(S * short / long)), then zero-pad to
+#          S x S with the image centred (top/left margin = ceil(half the margin): the reference's centre crop pads
+#          an image smaller than its crop)                               -> uint8 (T, S, S, 3)   [preprocessing]
+#       -> tvp_normalize: x / 255, (x - 0.5) / 0.5, RGB -> BGR           -> float32 (T, 3, S, S)  [loading]
+#
+# Padding with 0 before normalising is what makes the border -1, as in the reference; the flip to BGR is what
+# the pretrained checkpoints expect. ``tvp_logits_to_seconds`` turns the model's (start, end) fractions back
+# into seconds.
+
+TVP_IMAGE_SIZE = 448
+TVP_NUM_FRAMES = 48
+
+
+def _longest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(new_height, new_width) with the long edge at ``size``; the short edge is truncated like the reference."""
+    if height >= width:
+        return size, int(size * (width * 1.0 / height))
+    return int(size * (height * 1.0 / width)), size
+
+
+def tvp_resize_pad(frames: np.ndarray | torch.Tensor, size: int = TVP_IMAGE_SIZE) -> np.ndarray:
+    """Resize every frame's longest edge to ``size`` (PIL bilinear) and zero-pad it, centred, to ``size`` x ``size``.
+
+    Args:
+        frames: uint8 (T, H, W, 3) RGB, or one frame (H, W, 3).
+    Returns:
+        uint8 (T, size, size, 3) (or (size, size, 3) for one frame).
+    """
+    array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if array.dtype != np.uint8:
+        raise TypeError(f"tvp_resize_pad expects uint8 frames, got {array.dtype}")
+    single = array.ndim == 3
+    if single:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected frames of shape (T, H, W, 3), got {array.shape}")
+    new_h, new_w = _longest_edge_size(array.shape[1], array.shape[2], size)
+    top, left = -(-(size - new_h) // 2), -(-(size - new_w) // 2)  # ceil, as the reference's centre crop
+    out = np.zeros((array.shape[0], size, size, 3), dtype=np.uint8)
+    for i, frame in enumerate(array):
+        resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), resample=Image.BILINEAR))
+        out[i, top : top + new_h, left : left + new_w] = resized
+    return out[0] if single else out
+
+
+def tvp_normalize(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (T, S, S, 3) RGB -> float32 (T, 3, S, S) BGR in [-1, 1] ((x / 255 - 0.5) / 0.5)."""
+    return normalize(frames).flip(1).contiguous()
+
+
+def tvp_preprocess(frames: np.ndarray | torch.Tensor, size: int = TVP_IMAGE_SIZE) -> torch.Tensor:
+    """Frames straight to one clip's model input: uint8 (T, H, W, 3) RGB -> float32 (T, 3, size, size) BGR.
+
+    Stack clips of ``num_frames`` frames into ``pixel_values`` (B, T, 3, size, size) for ``TvpForVideoGrounding``.
+    """
+    return tvp_normalize(tvp_resize_pad(frames, size))
+
+
+def tvp_logits_to_seconds(logits: torch.Tensor, durations: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
+    """(B, 2) predicted (start, end) fractions and (B,) video durations in seconds -> (B, 2) (start, end) seconds.
+
+    The reference's ``post_process_video_grounding`` does this for the first sample only and rounds to 0.1 s;
+    here every sample is converted and nothing is rounded (metrics want the exact values).
+    """
+    durations = torch.as_tensor(durations, dtype=torch.float32, device=logits.device).reshape(-1, 1)
+    if logits.dim() != 2 or logits.shape[-1] != 2 or durations.shape[0] not in (1, logits.shape[0]):
+        raise ValueError(f"expected logits (B, 2) and B durations, got {tuple(logits.shape)} and {durations.shape[0]}")
+    return logits.float() * durations
