@@ -43,12 +43,7 @@ from tvlt_core.models.resnet import ResNetBackbone, ResNetConfig, resnet50_confi
 log = logging.getLogger(__name__)
 
 NUM_TEXT_PROMPTS = 10
-_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 # config.json keys of the reference that select a backbone other than the in-tree ResNet.
 _FOREIGN_BACKBONE_DEFAULTS = {"backbone": None, "use_timm_backbone": False, "use_pretrained_backbone": False}
 
@@ -241,7 +236,8 @@ class TvpVisualInputEmbedding(nn.Module):
     def __init__(self, config: TvpConfig):
         super().__init__()
         d = config.hidden_size
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)  # in the checkpoints, unused
+        # In the checkpoints but never used; frozen so data-parallel wrappers do not wait for its gradient.
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d).requires_grad_(False)
         self.row_position_embeddings = nn.Embedding(config.max_grid_row_position_embeddings, d)
         self.col_position_embeddings = nn.Embedding(config.max_grid_col_position_embeddings, d)
         self.token_type_embeddings = nn.Embedding(1, d)
@@ -589,18 +585,9 @@ def tvp_base_config(**overrides) -> TvpConfig:
 def tvp_tiny_config(**overrides) -> TvpConfig:
     """A tiny ResNet, 4 frames of 128 x 128 (2 x 2 visual tokens), 2 x 64 encoder: a CPU step in well under a second."""
     values = dict(
-        backbone_config=resnet_tiny_config(),
-        visual_prompt_size=16,
-        max_img_size=128,
-        num_frames=4,
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        max_grid_col_position_embeddings=16,
-        max_grid_row_position_embeddings=16,
+        backbone_config=resnet_tiny_config(), visual_prompt_size=16, max_img_size=128, num_frames=4, vocab_size=1000,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+        max_grid_col_position_embeddings=16, max_grid_row_position_embeddings=16,
     )
     return TvpConfig(**{**values, **overrides})
 
