@@ -17,20 +17,27 @@ import webdataset as wds
 
 from tvlt_core import shards
 
-from tvlt_core.data import StreamingLoader, TvltBatcher
+from tvlt_core.data import StreamingLoader, TvltBatcher, TvpBatcher
 from tvlt_core.data import plan
 
 FRAMES, SIZE = 4, 32
 
 
-def write_shards(folder, counts, *, frames=FRAMES, size=SIZE, mel_lengths=(24, 40), silent_every=0, corrupt=(), seed=0):
-    """Write a manifest and tar shards of synthetic pretraining samples (the shard contract) to a local folder or
-    fsspec URL; sample ``n`` (over all shards) gets mel length ``mel_lengths[n % len]``. Returns the folder URL."""
+SENTENCES = ["the red circle moves left", "a blue square appears", "the green triangle turns yellow"]
+
+
+def write_shards(folder, counts, *, frames=FRAMES, size=SIZE, mel_lengths=(24, 40), silent_every=0, corrupt=(), seed=0,
+                 grounding=False):
+    """Write a manifest and tar shards of synthetic samples (the shard contract) to a local folder or fsspec URL.
+
+    Pretraining: sample ``n`` (over all shards) gets mel length ``mel_lengths[n % len]``. Grounding: frames of
+    ``size`` x ``size * 3 // 4`` (longest edge first, unpadded, like the preprocessor) and two queries per video.
+    Returns the folder URL."""
     url = str(folder).rstrip("/")
     fs, root = fsspec.core.url_to_fs(url)
     fs.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
-    manifest = shards.Manifest(mode="pretrain", recipe={"test": True}, recipe_hash=shards.recipe_hash({"test": True}))
+    manifest = shards.Manifest(mode="grounding" if grounding else "pretrain", recipe={"test": True}, recipe_hash=shards.recipe_hash({"test": True}))
     manifest.generations.append(shards.Generation(id=1, started="t0", finished="t1"))
     n = 0
     for s, count in enumerate(counts):
@@ -38,9 +45,20 @@ def write_shards(folder, counts, *, frames=FRAMES, size=SIZE, mel_lengths=(24, 4
         with fsspec.open(f"{url}/{name}", "wb") as f, wds.TarWriter(f) as sink:
             for _ in range(count):
                 colour = rng.integers(0, 256, size=(frames, 1, 1, 3), dtype=np.uint8)
-                video = np.broadcast_to(colour, (frames, size, size, 3)).copy()
-                mel = None if silent_every and n % silent_every == 0 else rng.uniform(-1, 1, (mel_lengths[n % len(mel_lengths)], 128))
-                sample = shards.encode_sample(shards.sample_key(f"file:///v{n}.mp4", 0), video, {"n": n, "start": 0.0, "end": 1.0}, mel=mel)
+                height = size * 3 // 4 if grounding else size
+                video = np.broadcast_to(colour, (frames, height, size, 3)).copy()
+                record = {"n": n, "start": 0.0, "end": 1.0}
+                if grounding:
+                    duration = 10.0 + n
+                    record.update(duration=duration, queries=[
+                        {"sentence": SENTENCES[(n + q) % 3], "start": 1.0 + q, "end": duration - 2.0 + q} for q in range(2)
+                    ])
+                    mel = None
+                elif silent_every and n % silent_every == 0:
+                    mel = None
+                else:
+                    mel = rng.uniform(-1, 1, (mel_lengths[n % len(mel_lengths)], 128))
+                sample = shards.encode_sample(shards.sample_key(f"file:///v{n}.mp4", 0), video, record, mel=mel)
                 if n in corrupt:
                     sample[shards.frame_ext(0)] = b"not a jpeg"
                 sink.write(sample)
@@ -184,8 +202,8 @@ def test_tvlt_batches_have_padding_masks_and_matching_pairs(shard_writer, tmp_pa
     assert values.shape == (b, 1, 64, 128) and mask.shape == (b, 64 // 16 * 8)
     lengths = [min(64, [20, 40, 64, 100][i % 4]) for i in range(b)]
     for i, n in enumerate(lengths):
-        if i % 3 == 0:  # silent clip: digital silence after normalisation, a whole clip's length
-            assert (values[i, 0, : mask[i].sum().int() // 8 * 16] == -1).all()
+        if i % 3 == 0:  # a clip without audio: silence, masked off entirely
+            assert mask[i].sum() == 0 and (values[i, 0, :16] == -1).all()
             continue
         assert mask[i].sum() == -(-n // 16) * 8
         assert (values[i, 0, n:] == 0).all() and (values[i, 0, :n] != 0).any()
@@ -224,3 +242,21 @@ def test_shards_on_s3(shard_writer, s3_bucket):
     loader = StreamingLoader(url, make_batcher(), batch_size=2, rank=1, world_size=2, shuffle_buffer=2)
     batches = run(loader, loader.steps_per_epoch)
     assert len(batches) == 1 and batches[0]["pixel_values"].shape[0] == 2
+
+
+def test_tvp_batches_tokenise_one_query_per_video(shard_writer, tmp_path):
+    from tvlt_core.text import TextTokenizer, build_vocab
+
+    url = shard_writer(tmp_path / "g", counts=[3], frames=6, size=40, grounding=True)
+    tokenizer = TextTokenizer.from_vocab(build_vocab(SENTENCES, vocab_size=60), max_text_length=12)
+    batcher = TvpBatcher(tokenizer=tokenizer, image_size=32, num_frames=8)  # more frames than stored: repeated
+    batch = run(StreamingLoader(url, batcher, batch_size=3, shuffle_buffer=1), 1)[0]
+    assert batch["pixel_values"].shape == (3, 8, 3, 32, 32)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 12)
+    labels = batch["labels"]
+    assert labels.shape == (3, 3) and ((0 <= labels[:, 1]) & (labels[:, 1] < labels[:, 2]) & (labels[:, 2] <= labels[:, 0])).all()
+    for i, sentence in enumerate(batch["sentences"]):
+        assert sentence in SENTENCES
+        torch.testing.assert_close(batch["input_ids"][i], tokenizer([sentence])["input_ids"][0])
+    assert (batch["pixel_values"][:, :, :, 0] == -1).all(), "40x30 frames are padded to square: top row is padding"
+    assert (batch["pixel_values"][:, :, :, 16] != -1).any()

@@ -1,8 +1,8 @@
 """Training data: a streaming WebDataset loader over the shards of a manifest (``stream``), the per-epoch plan of
 who reads what (``plan``), and the per-task batchers that turn decoded samples into model inputs (``batches``)."""
 
-from tvlt_core.data.batches import TvltBatcher
+from tvlt_core.data.batches import TvltBatcher, TvpBatcher
 from tvlt_core.data.plan import steps_per_epoch
 from tvlt_core.data.stream import Batcher, StreamingLoader
 
-__all__ = ["Batcher", "StreamingLoader", "TvltBatcher", "steps_per_epoch"]
+__all__ = ["Batcher", "StreamingLoader", "TvltBatcher", "TvpBatcher", "steps_per_epoch"]

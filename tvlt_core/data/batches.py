@@ -5,7 +5,7 @@ TVLT pretraining (``TvltBatcher``), per batch::
     pixel_values        (B, T, 3, S, S) float32 in [-1, 1]   T = num_frames, S = image_size
     pixel_mask          (B, T * (S / P)^2)                    1 on patches of real frames
     audio_values        (B, 1, A, 128) float32                A = longest clip rounded up to 16 frames
-    audio_mask          (B, A / 16 * 8)                        1 on patches holding real frames
+    audio_mask          (B, A / 16 * 8)                        1 on patches holding real frames (all 0: no audio)
     pixel_values_mixed  (B, T, 3, S, S)                        the video shown with each clip's audio for matching
     pixel_mask_mixed    (B, T * (S / P)^2)
     labels              (B, 1) float32                         1 when pixel_values_mixed[i] is clip i's own video
@@ -32,14 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from tvlt_core import audio, video
+from tvlt_core.text import TextTokenizer
 from tvlt_core.shards import DecodedSample
 
 log = logging.getLogger(__name__)
 
 
-def uniform_indices(available: int, wanted: int) -> np.ndarray:
-    """``wanted`` frame indices spread evenly over ``available`` frames (all of them when there are fewer)."""
-    if available <= wanted:
+def uniform_indices(available: int, wanted: int, *, repeat: bool = False) -> np.ndarray:
+    """``wanted`` frame indices spread evenly over ``available`` frames. With fewer frames than wanted: all of them
+    (the model masks the missing ones), or with ``repeat`` some frames twice (for models without a frame mask)."""
+    if available <= wanted and not repeat:
         return np.arange(available)
     return np.linspace(0, available - 1, wanted).round().astype(int)
 
@@ -71,17 +73,16 @@ class TvltBatcher:
         pixels = _resize(video.normalize(frames), self.image_size)
         if sample.mel is not None:
             mel = torch.from_numpy(sample.mel[: self.max_audio_frames])
-        else:  # a silent clip: -1 is what log_mel gives digital silence after normalisation
-            seconds = float(sample.record.get("end", 0.0)) - float(sample.record.get("start", 0.0))
-            length = min(self.max_audio_frames, max(audio.TIME_PATCH, int(seconds * audio.SAMPLE_RATE / audio.HOP_LENGTH)))
-            mel = torch.full((length, audio.NUM_MEL_BINS), -1.0)
-        return {"key": sample.key, "pixels": pixels, "mel": mel}
+        else:  # a clip without audio: one patch row of silence (-1 after normalisation), masked off in collate
+            mel = torch.full((audio.TIME_PATCH, audio.NUM_MEL_BINS), -1.0)
+        return {"key": sample.key, "pixels": pixels, "mel": mel, "silent": sample.mel is None}
 
     def collate(self, items: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
         pixel_values, pixel_mask = video.pad_videos(
             [it["pixels"] for it in items], num_frames=self.num_frames, patch_size=self.patch_size
         )
         audio_values, audio_mask = audio.pad_batch([it["mel"] for it in items])
+        audio_mask[torch.tensor([it["silent"] for it in items])] = 0.0  # nothing to attend to or reconstruct
         batch = {
             "pixel_values": pixel_values,
             "pixel_mask": pixel_mask,
@@ -106,3 +107,40 @@ class TvltBatcher:
                 j = rng.randrange(batch_size - 1)
                 shown[i] = j if j < i else j + 1
         return shown
+
+
+@dataclass
+class TvpBatcher:
+    """Frames, one query per video and its segment for ``TvpForVideoGrounding``.
+
+    A shard sample holds every query of its video (the 48 frames are stored once); each time the video is drawn
+    one of its queries is picked at random, so an epoch sees each video once and, over epochs, all its queries.
+    """
+
+    tokenizer: TextTokenizer
+    image_size: int
+    num_frames: int
+
+    def prepare(self, sample: DecodedSample, rng: random.Random) -> dict[str, Any]:
+        queries = sample.record.get("queries") or []
+        if not queries:
+            raise KeyError("queries: not a grounding sample (were the shards made with --mode grounding?)")
+        query = queries[rng.randrange(len(queries))]
+        frames = sample.frames[uniform_indices(len(sample.frames), self.num_frames, repeat=True)]
+        return {
+            "key": sample.key,
+            "pixels": video.tvp_preprocess(frames, self.image_size),
+            "sentence": query["sentence"],
+            "label": [float(sample.record["duration"]), float(query["start"]), float(query["end"])],
+        }
+
+    def collate(self, items: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
+        text = self.tokenizer([it["sentence"] for it in items])
+        return {
+            "pixel_values": torch.stack([it["pixels"] for it in items]),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "labels": torch.tensor([it["label"] for it in items], dtype=torch.float32),
+            "keys": [it["key"] for it in items],
+            "sentences": [it["sentence"] for it in items],
+        }
