@@ -8,14 +8,19 @@ Per sample (``KEY.EXT``):
     frame000.jpg ... frameNNN.jpg   JPEG q90 RGB frames. pretrain: 8 frames, 224x224 (shortest edge 224 + centre
                                     crop, TVLT recipe). grounding: 48 frames, longest edge 448, not padded.
     mel.npy                         pretrain only: float16 (time, 128) normalised log-mel, ``tvlt_core.audio.log_mel``;
-                                    absent when the clip has no audio and the config allows silent clips.
-    json                            record: source URI, size, etag/mtime, clip start/end (s), fps, duration,
-                                    original size, audio sample rate, counts, recipe hash; grounding samples
-                                    also hold ``queries``: [{"sentence", "start", "end"}] and ``duration``.
+                                    absent when the clip has no audio and the config allows silent clips
+                                    (``audio_present`` false: the loader substitutes silence and masks the audio off).
+    json                            record (flat): ``uri``, ``size``, ``etag``, ``mtime``, ``extra`` (list-file
+                                    columns); ``clip``, ``start``, ``end`` (s), ``frame_times`` (s); ``fps``,
+                                    ``duration``, ``width``, ``height`` (as displayed), ``rotation``;
+                                    ``audio_present``, ``sample_rate``, ``channels``, ``mel_frames``; ``frames``;
+                                    ``recipe`` (hash), ``mode``. Grounding samples also hold ``queries``:
+                                    [{"sentence", "start", "end"}] (s) and ``duration``.
 One grounding sample per video holds all its queries, so 48 frames are stored once however many queries a video has.
 
-Per output folder: ``manifest.json`` (``Manifest``), ``quarantine.jsonl`` and ``stats.json``. A shard is listed in
-the manifest only after its bytes are fully written and renamed into place.
+Per output folder: ``manifest.json`` (``Manifest``), ``quarantine.jsonl`` (``QuarantineRecord`` per line) and
+``stats.json``. A shard is listed in the manifest only after its bytes are fully written and renamed into place;
+``quarantine.jsonl`` and ``stats.json`` are views of the manifest, rewritten after it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ def frame_ext(i: int) -> str:
 def source_id(uri: str) -> str:
     """Stable 16-hex id of a source object (its URI without credentials or query)."""
     return hashlib.sha1(uri.split("?", 1)[0].encode()).hexdigest()[:16]
+
+
+def shard_name(generation: int, index: int) -> str:
+    """Stable shard file name: the generation that wrote it and its index within that generation."""
+    return f"shard-{generation:06d}-{index:05d}.tar"
 
 
 def sample_key(uri: str, clip_index: int) -> str:
@@ -129,11 +139,41 @@ class ShardEntry:
 
 @dataclass
 class Generation:
+    """One run's worth of new or changed sources. ``finished`` stays empty until every planned source is committed;
+    a restart resumes the unfinished generation from its plan (``plan``, relative to the output folder)."""
+
     id: int
     started: str
     finished: str = ""
-    inputs: int = 0
+    inputs: int = 0  # sources planned
     quarantined: int = 0
+    samples: int = 0
+    shards: int = 0
+    bytes: int = 0
+    plan: str = ""
+    attempts: int = 1  # 1 + restarts after a kill
+    retired: list[str] = field(default_factory=list)  # older shards rewritten without this generation's changed sources
+
+
+@dataclass
+class QuarantineRecord:
+    """One line of ``quarantine.jsonl``: an input that gave no samples, where it failed and why."""
+
+    uri: str
+    stage: str  # listing | probe | decode | log_mel | encode
+    reason: str  # short code for the summary: not_a_video, no_audio, too_short, decoder_crash, ...
+    error: str  # the readable detail
+    generation: int = 0
+    size: int = 0
+    etag: str = ""
+    mtime: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> QuarantineRecord:
+        return cls(**json.loads(line))
 
 
 @dataclass
@@ -146,7 +186,8 @@ class Manifest:
     format: str = FORMAT
     shards: list[ShardEntry] = field(default_factory=list)
     generations: list[Generation] = field(default_factory=list)
-    # source URI -> {"size", "etag", "mtime", "generation", "status": "ok" | "quarantined", "samples"}
+    # source URI -> {"size", "etag", "mtime", "generation", "status": "ok" | "quarantined", "samples", "shard",
+    #                "annotations" (grounding: hash of the video's queries), "stage", "reason", "error"}
     sources: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -156,6 +197,20 @@ class Manifest:
     @property
     def generation(self) -> int:
         return self.generations[-1].id if self.generations else 0
+
+    @property
+    def pending(self) -> Generation | None:
+        """The generation a killed run left unfinished, if any."""
+        return self.generations[-1] if self.generations and not self.generations[-1].finished else None
+
+    def quarantine(self) -> list[QuarantineRecord]:
+        """Every source whose latest attempt was quarantined, in URI order."""
+        return [
+            QuarantineRecord(uri=uri, stage=s.get("stage", ""), reason=s.get("reason", ""), error=s.get("error", ""),
+                             generation=s.get("generation", 0), size=s.get("size", 0), etag=s.get("etag", ""),
+                             mtime=s.get("mtime", ""))
+            for uri, s in sorted(self.sources.items()) if s.get("status") == "quarantined"
+        ]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

@@ -1,0 +1,52 @@
+"""Preprocessing job: raw videos (local folder, s3:// prefix, glob or list file) -> WebDataset shards.
+
+    python jobs/preprocess.py --input /data/videos --output /data/shards/pretrain --mode pretrain
+    python jobs/preprocess.py --config preprocess_grounding --input s3://raw/charades --output s3://shards/charades \
+        --mode grounding --grounding.annotations '[s3://raw/charades/charades_sta_train.txt]'
+    ray job submit --working-dir . -- python jobs/preprocess.py --input s3://raw/videos --output s3://shards/pt \
+        --mode pretrain
+    python jobs/preprocess.py ... --dry-run               # print the plan, write nothing
+    python jobs/preprocess.py ... --fail-on-quarantine    # exit 1 when any input was quarantined
+
+Settings: pipelines/config.py (``--clips.length_s 10``, ``--shards.target_bytes 268435456``, ...); presets in
+jobs/configs/preprocess_*.yaml. Re-running with the same arguments resumes an interrupted run or, when the input
+has new or changed videos, appends a generation; with nothing new it says so and exits 0.
+Exit codes: 0 done (quarantined inputs included), 1 quarantined inputs with --fail-on-quarantine, 2 bad config.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from jobs.cli import run
+from jobs.config import ConfigError, parse, write_resolved
+from pipelines.config import PreprocessConfig
+from pipelines.preprocess import run as run_preprocess
+from pipelines.state import RecipeMismatch
+
+log = logging.getLogger("preprocess")
+# The issue's spelling of the two switches; the config parser knows them as booleans.
+FLAGS = {"--dry-run": "--dry_run=true", "--fail-on-quarantine": "--fail_on_quarantine=true"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = [FLAGS.get(arg, arg) for arg in (argv or [])]
+    cfg = parse(PreprocessConfig, argv, prog="preprocess", description=__doc__.split("\n\n")[0])
+    try:
+        result = run_preprocess(cfg)
+    except RecipeMismatch as e:
+        raise ConfigError(f"preprocess: {e}") from e
+    if result.plan_text:
+        print(result.plan_text, flush=True)
+    else:
+        write_resolved(cfg, cfg.output)
+    for stats in result.stats:
+        print(stats.table(), flush=True)
+    if cfg.fail_on_quarantine and result.quarantined:
+        log.error("%d input(s) quarantined (--fail-on-quarantine); see quarantine.jsonl", result.quarantined)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

@@ -1,0 +1,194 @@
+"""Configuration of the preprocessing job: one small dataclass per component, validated before any work starts.
+
+    python jobs/preprocess.py --input URL --output URL --mode pretrain --clips.length_s 10 --shards.target_bytes 1e8
+
+Each component receives only its own section: the reader gets ``ClipConfig``/``GroundingConfig``, the writer
+``ShardConfig``, the Ray graph ``ResourceConfig``, listing and I/O ``StorageConfig``. ``recipe()`` is the part of
+the configuration that decides the bytes of a sample; its hash is stored in every sample and in the manifest, and
+an output folder refuses a second recipe.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tvlt_core import audio as tvlt_audio
+from tvlt_core import shards
+from tvlt_core.video import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES
+
+# The longest clip whose spectrogram fits the model: 2048 frames of 512 samples at 44.1 kHz (about 23.8 s).
+MAX_CLIP_S = tvlt_audio.MAX_FRAMES * tvlt_audio.HOP_LENGTH / tvlt_audio.SAMPLE_RATE
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
+
+
+@dataclass
+class StorageConfig:
+    """How to reach ``s3://`` URLs. Credentials normally come from the standard AWS environment variables
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``) or an instance role; the two key
+    fields exist for stores that need explicit keys and are masked wherever the config is logged or written."""
+
+    endpoint_url: str | None = None  # any S3-compatible store: MinIO, Ceph, moto, ...
+    region: str | None = None
+    anon: bool = False
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+
+    def options(self, url: str) -> dict:
+        """fsspec storage options for ``url`` (empty for local paths)."""
+        if not url.startswith(("s3://", "s3a://")):
+            return {}
+        opts: dict = {"anon": self.anon}
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        client_kwargs = {k: v for k, v in (("endpoint_url", endpoint), ("region_name", self.region)) if v}
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        if self.aws_access_key_id and self.aws_secret_access_key:
+            opts.update(key=self.aws_access_key_id, secret=self.aws_secret_access_key)
+        return opts
+
+
+@dataclass
+class SourceConfig:
+    """What counts as an input when ``--input`` is a folder, a glob or a list file (.csv, .jsonl, .parquet)."""
+
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+    uri_column: str = "uri"  # list files: the column holding each video's URI (relative URIs: to the list file)
+
+
+@dataclass
+class ClipConfig:
+    """pretrain mode: windows of ``length_s`` every ``stride_s``; per clip ``frames`` frames at the segment
+    centres, shortest edge + centre crop ``size``, and the clip's audio as the TVLT log-mel spectrogram.
+    A trailing window (or a whole video) shorter than ``length_s`` is kept when it lasts at least ``min_length_s``."""
+
+    length_s: float = 10.0
+    stride_s: float = 10.0
+    min_length_s: float = 1.0
+    frames: int = TVLT_NUM_FRAMES
+    size: int = TVLT_IMAGE_SIZE
+
+    def __post_init__(self):
+        if not 0 < self.length_s <= MAX_CLIP_S + 1e-9:
+            raise ValueError(
+                f"clips.length_s={self.length_s}: must be in (0, {MAX_CLIP_S:.3f}] s, the longest audio a "
+                f"{tvlt_audio.MAX_FRAMES}-frame spectrogram holds"
+            )
+        if self.stride_s <= 0:
+            raise ValueError(f"clips.stride_s={self.stride_s}: must be > 0")
+        if not 0 < self.min_length_s <= self.length_s:
+            raise ValueError(f"clips.min_length_s={self.min_length_s}: must be in (0, clips.length_s]")
+        # A log-mel frame needs more than N_FFT / 2 samples at 44.1 kHz (reflect padding).
+        shortest = (tvlt_audio.N_FFT // 2 + 1) / tvlt_audio.SAMPLE_RATE
+        if self.min_length_s < shortest:
+            raise ValueError(f"clips.min_length_s={self.min_length_s}: a spectrogram needs at least {shortest:.3f} s")
+        if self.frames < 1 or self.size < 16:
+            raise ValueError(f"clips.frames={self.frames}, clips.size={self.size}: need frames >= 1 and size >= 16")
+
+
+@dataclass
+class GroundingConfig:
+    """grounding mode: ``frames`` frames uniformly over the whole video, longest edge ``size`` (not padded), and
+    every query of the video from the annotation files, stored once per video."""
+
+    annotations: list[str] = field(default_factory=list)  # local paths or URLs
+    format: Literal["charades_sta", "activitynet"] = "charades_sta"
+    frames: int = 48
+    size: int = 448
+
+    def __post_init__(self):
+        if self.frames < 1 or self.size < 16:
+            raise ValueError(f"grounding.frames={self.frames}, grounding.size={self.size}: need >= 1 and >= 16")
+
+
+@dataclass
+class AudioConfig:
+    """pretrain mode, a video without a (decodable) audio stream: quarantine it, or keep it with a silent
+    spectrogram and ``audio.present = false`` in its record so training turns its audio mask off."""
+
+    missing: Literal["quarantine", "silent"] = "quarantine"
+
+
+@dataclass
+class ShardConfig:
+    """Shards close at the source boundary before ``target_bytes`` would be exceeded (one source's samples are
+    never split across shards, so a source larger than the target gets a shard of its own)."""
+
+    target_bytes: int = 256 * 1024**2
+
+    def __post_init__(self):
+        if self.target_bytes < 1024:
+            raise ValueError(f"shards.target_bytes={self.target_bytes}: must be at least 1024")
+
+
+@dataclass
+class ResourceConfig:
+    """Ray resources. The defaults fit a 2-core, 24 GiB machine and scale with the cluster unchanged: one decoder
+    per ``decode_cpus`` of the cluster's CPUs, the light stages (probe, log-mel, encode, write) in the slack.
+
+    A decoder reserves ``decode_memory_gib``; the spectrogram and writer stages hold one segment of at most
+    ``clips_per_row`` clips at a time, so memory per stage stays bounded however long a video is."""
+
+    decoders: int = 0  # 0: as many as the cluster's CPUs allow (cluster CPUs // decode_cpus)
+    decode_cpus: float = 0.8
+    decode_memory_gib: float = 1.5
+    light_cpus: float = 0.1  # probe actor and each log-mel/encode/write task
+    light_memory_gib: float = 0.5
+    decode_timeout_s: float = 300.0  # per segment; a hung decoder is killed and counts as a crash
+    clips_per_row: int = 16
+    sources_per_block: int = 1
+    object_store_gib: float = 2.0  # only when this job starts a local Ray (RAY_ADDRESS unset)
+    local_cpus: int = 0  # local Ray: 0 = every core of the machine
+    scratch_dir: str = ""  # remote sources are downloaded here before decoding (default: the system temp dir)
+
+    def __post_init__(self):
+        if self.decoders < 0 or self.decode_cpus <= 0 or self.light_cpus < 0:
+            raise ValueError("resources.decoders must be >= 0, resources.decode_cpus > 0, resources.light_cpus >= 0")
+        if self.decode_timeout_s <= 0 or self.clips_per_row < 1 or self.sources_per_block < 1:
+            raise ValueError("resources.decode_timeout_s, clips_per_row and sources_per_block must be positive")
+        if self.object_store_gib < 0.1:
+            raise ValueError(f"resources.object_store_gib={self.object_store_gib}: Ray needs at least 0.1 GiB")
+
+
+@dataclass
+class PreprocessConfig:
+    """``python jobs/preprocess.py --input URL --output URL --mode {pretrain,grounding}``."""
+
+    input: str = ""
+    output: str = ""
+    mode: shards.Mode = "pretrain"
+    sources: SourceConfig = field(default_factory=SourceConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    clips: ClipConfig = field(default_factory=ClipConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    dry_run: bool = False
+    fail_on_quarantine: bool = False
+    progress: bool = True  # Ray Data's progress bars
+
+    def __post_init__(self):
+        if not self.input:
+            raise ValueError("input: required, a folder, glob or list file URL (local or s3://)")
+        if not self.output:
+            raise ValueError("output: required, the folder URL the shards and manifest.json go to")
+        if self.input.rstrip("/") == self.output.rstrip("/"):
+            raise ValueError(f"output={self.output!r}: must differ from input")
+        if self.mode == "grounding" and not self.grounding.annotations:
+            raise ValueError("grounding.annotations: grounding mode needs at least one annotation file")
+        if self.mode == "pretrain" and self.grounding.annotations:
+            raise ValueError("grounding.annotations: given in pretrain mode, where they would be ignored")
+
+    def recipe(self) -> dict:
+        """Everything that decides a sample's bytes (not where it comes from or goes to, nor resources)."""
+        common = {"format": shards.FORMAT, "mode": self.mode, "jpeg_quality": shards.JPEG_QUALITY,
+                  "frame_sampling": "segment-centre", "resize": "PIL-bilinear"}
+        if self.mode == "grounding":
+            return {**common, "frames": self.grounding.frames, "longest_edge": self.grounding.size}
+        mel = {"sample_rate": tvlt_audio.SAMPLE_RATE, "n_fft": tvlt_audio.N_FFT, "hop": tvlt_audio.HOP_LENGTH,
+               "mel_bins": tvlt_audio.NUM_MEL_BINS, "max_frames": tvlt_audio.MAX_FRAMES, "dtype": "float16"}
+        clips = {"length_s": self.clips.length_s, "stride_s": self.clips.stride_s,
+                 "min_length_s": self.clips.min_length_s, "frames": self.clips.frames, "size": self.clips.size}
+        return {**common, "clips": clips, "mel": mel, "missing_audio": self.audio.missing}

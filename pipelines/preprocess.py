@@ -1,0 +1,386 @@
+"""The preprocessing job: raw videos on object storage -> WebDataset shards, exactly once, on Ray Data.
+
+    run(cfg) -> Result         what jobs/preprocess.py calls (``python jobs/preprocess.py --input ... --output ...``)
+
+Driver, in order:
+    1. list the input, load manifest.json, and plan: resume the unfinished generation, or plan a new one with the
+       new and changed sources (nothing new: say so and stop); ``--dry-run`` stops here
+    2. rewrite older shards that hold samples of changed sources (``state`` explains why)
+    3. stream the plan through the Ray Data graph (``stages``): probe -> decode -> log-mel -> encode -> write
+    4. as sources finish, pack them in plan order into shards of about ``shards.target_bytes``; a Ray task
+       concatenates a shard's spooled parts, and the driver commits shards in order (manifest.json rewritten)
+    5. close the generation, write stats.json, delete the work folder, return the summary
+
+Only metadata reaches the driver (a few hundred bytes per segment); sample bytes go worker -> store -> worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import ray
+
+from pipelines import annotations as ann
+from pipelines import state, writer
+from pipelines.config import PreprocessConfig, ResourceConfig
+from pipelines.sources import list_sources
+from pipelines.stages import DecodeStage, ProbeStage, StageSettings, encode_stage, log_mel_stage, write_stage
+from pipelines.stats import RunStats
+from tvlt_core import shards
+from tvlt_core.redaction import redact_text
+
+log = logging.getLogger(__name__)
+GiB = 1024**3
+
+
+@dataclass
+class Result:
+    stats: list[RunStats]  # one per generation this run worked on
+    plan_text: str = ""  # --dry-run: the plan, for the command line to print
+
+    @property
+    def quarantined(self) -> int:
+        return sum(sum(s.quarantined.values()) for s in self.stats)
+
+
+# ------------------------------------------------------------------------------------------------------ Ray set-up
+def ensure_ray(res: ResourceConfig) -> bool:
+    """Connect to the cluster in RAY_ADDRESS, or start a local Ray sized by ``res``. True if this call started it."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return True
+    ray.init(num_cpus=res.local_cpus or os.cpu_count(), object_store_memory=int(res.object_store_gib * GiB),
+             include_dashboard=False)
+    return True
+
+
+def decoder_count(res: ResourceConfig) -> int:
+    """Decoders the cluster holds: most of its CPUs (the light stages need the rest), or ``res.decoders``."""
+    if res.decoders:
+        return res.decoders
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1, math.floor(cpus * 0.85 / res.decode_cpus))
+
+
+def build_dataset(rows: list[dict], settings: StageSettings, res: ResourceConfig) -> ray.data.Dataset:
+    """The graph. Probe and decode are actor pools (each actor keeps a sandboxed decoder child); the light stages
+    are tasks, which Ray Data fuses into one operator."""
+    decoders = decoder_count(res)
+    blocks = max(1, math.ceil(len(rows) / res.sources_per_block))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map(ProbeStage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.light_cpus,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, decoders // 8)))
+    ds = ds.flat_map(DecodeStage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.decode_cpus,
+                     memory=int(res.decode_memory_gib * GiB),
+                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders))
+    # Few light tasks at a time: each is ~10% of a decode, and every extra worker process costs a torch import.
+    light = ray.data.TaskPoolStrategy(size=max(1, math.ceil(decoders / 4)))
+    for stage in (log_mel_stage, encode_stage, write_stage):
+        ds = ds.map(stage, fn_kwargs={"settings": settings}, num_cpus=res.light_cpus, compute=light,
+                    memory=int(res.light_memory_gib * GiB))
+    return ds
+
+
+@ray.remote(num_cpus=0)
+def assemble(part_urls: list[str], shard_url: str, storage_options: dict) -> dict:
+    return writer.concatenate(part_urls, shard_url, storage_options)
+
+
+# ------------------------------------------------------------------------------------------------------- packing
+@dataclass
+class _Source:
+    row: dict
+    n_segs: int = -1
+    parts: dict[int, tuple[str, dict]] = field(default_factory=dict)  # seg -> (part url, encode summary)
+    failure: dict | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.failure is not None or (self.n_segs >= 0 and len(self.parts) == self.n_segs)
+
+    def outcome(self) -> dict:
+        if self.failure is not None:
+            return self.failure
+        summaries = [s for _, s in self.parts.values()]
+        samples = sum(s["samples"] for s in summaries)
+        if samples == 0:
+            dropped = sum(s["dropped_no_audio"] for s in summaries)
+            reason = "no_audio" if dropped else "no_samples"
+            return {"stage": "encode", "reason": reason, "error": f"no clip gave a sample ({dropped} without audio)"}
+        return {"samples": samples}
+
+
+@dataclass
+class _Shard:
+    index: int
+    outcomes: list[tuple[dict, dict]] = field(default_factory=list)
+    part_urls: list[str] = field(default_factory=list)
+    samples: int = 0
+    bytes: int = 0
+    ref: ray.ObjectRef | None = None
+
+
+class Packer:
+    """Receives result rows in any order; packs finished sources in plan order into shards; commits in order."""
+
+    def __init__(self, rows: list[dict], first_index: int, target_bytes: int, commit, start_shard):
+        self.sources = [_Source(r) for r in rows]
+        self.next = 0  # first plan position not yet packed
+        self.index = first_index
+        self.target = target_bytes
+        self.current = _Shard(first_index)
+        self.in_flight: list[_Shard] = []
+        self._commit, self._start_shard = commit, start_shard
+
+    def add(self, result: dict) -> None:
+        src = self.sources[result["order"]]
+        if result["failure"]:
+            src.failure = json.loads(result["failure"])
+        else:
+            src.n_segs = result["n_segs"]
+            summary = {**json.loads(result["summary"]), "bytes": result["part_bytes"]}
+            src.parts[result["seg"]] = (result["part_url"], summary)
+        while self.next < len(self.sources) and self.sources[self.next].complete:
+            self._pack(self.sources[self.next])
+            self.next += 1
+        self.commit_ready(block=False)
+
+    def _pack(self, src: _Source) -> None:
+        outcome = src.outcome()
+        if "samples" in outcome:
+            size = sum(s["bytes"] for _, s in src.parts.values())
+            if self.current.samples and self.current.bytes + size > self.target:
+                self._close()
+            self.current.part_urls += [url for _, (url, s) in sorted(src.parts.items()) if url]
+            self.current.samples += outcome["samples"]
+            self.current.bytes += size
+        self.current.outcomes.append((src.row, outcome))
+
+    def _close(self) -> None:
+        shard = self.current
+        if shard.samples:
+            shard.ref = self._start_shard(shard)
+            self.index += 1
+        self.in_flight.append(shard)
+        self.current = _Shard(self.index)
+
+    def finish(self) -> None:
+        if self.next < len(self.sources):
+            missing = [s.row["uri"] for s in self.sources[self.next:] if not s.complete]
+            raise RuntimeError(f"{len(missing)} planned source(s) gave no result, e.g. {redact_text(missing[0])}")
+        if self.current.outcomes:
+            self._close()
+        self.commit_ready(block=True)
+
+    def commit_ready(self, block: bool) -> None:
+        """Commit finished shards from the head of the queue (in order, so commits always cover a plan prefix)."""
+        while self.in_flight:
+            head = self.in_flight[0]
+            if head.ref is not None:
+                ready, _ = ray.wait([head.ref], timeout=None if block else 0)
+                if not ready:
+                    return
+            self._commit(head, ray.get(head.ref) if head.ref is not None else None)
+            self.in_flight.pop(0)
+
+
+# --------------------------------------------------------------------------------------------------------- the run
+class Job:
+    """One invocation: plans, then runs at most the pending generation and one new one."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.cfg = cfg
+        self.out = state.Output(cfg.output, cfg.storage.options(cfg.output))
+        self.recipe = cfg.recipe()
+        self.recipe_hash = shards.recipe_hash(self.recipe)
+        self.started_ray = False
+
+    def list_rows(self) -> list[dict]:
+        cfg = self.cfg
+        sources = list_sources(cfg.input, cfg.sources, cfg.storage)
+        if cfg.mode == "pretrain":
+            return state.plan_rows(sources)
+        table = ann.load(cfg.grounding, cfg.storage)
+        matched = {s.uri: [q.to_json() for q in ann.queries_for(s.uri, table)] for s in sources}
+        annotated = [s for s in sources if matched[s.uri]]
+        if len(annotated) < len(sources):
+            log.info("grounding: %d listed video(s) have no queries in the annotation files and are skipped",
+                     len(sources) - len(annotated))
+        return state.plan_rows(annotated, matched)
+
+    def run(self) -> Result:
+        cfg, t0 = self.cfg, time.perf_counter()
+        manifest = self.out.load()
+        if manifest is not None:
+            state.check_recipe(manifest, cfg.mode, self.recipe, cfg.output)
+        rows = self.list_rows()
+        log.info("listed %d source(s) under %s", len(rows), redact_text(cfg.input))
+        results: list[RunStats] = []
+        try:
+            if manifest is not None and manifest.pending is not None:
+                plan = self.out.load_plan(manifest.pending.id)
+                stats = RunStats(listed=len(rows), planned=len(plan.sources))
+                if cfg.dry_run:
+                    return Result([stats], self.describe(plan, None, manifest, resume=True))
+                results.append(self.execute(manifest, plan, stats, t0))
+                t0 = time.perf_counter()
+            d = state.diff(manifest, rows)
+            stats = RunStats(listed=len(rows), new=len(d.new), changed=len(d.changed), unchanged=d.unchanged,
+                             gone=len(d.gone))
+            if not d.new and not d.changed:
+                stats.generation, stats.status = (manifest.generation if manifest else 0), "nothing_to_do"
+                log.info("nothing new or changed since generation %d: %d source(s) unchanged; nothing to do",
+                         stats.generation, d.unchanged)
+                return Result(results or [stats])
+            plan = self.new_plan(manifest, d)
+            stats.planned = len(plan.sources)
+            if cfg.dry_run:
+                stats.status = "dry_run"
+                return Result([stats], self.describe(plan, d, manifest, resume=False))
+            results.append(self.execute(manifest, plan, stats, t0))
+            return Result(results)
+        finally:
+            if self.started_ray:
+                ray.shutdown()
+
+    def new_plan(self, manifest: shards.Manifest | None, d: state.Diff) -> state.Plan:
+        sources = sorted(d.new + d.changed, key=lambda r: (r["sid"], r["uri"]))
+        changed = sorted(r["uri"] for r in d.changed)
+        rewrite = sorted({manifest.sources[u]["shard"] for u in changed
+                          if manifest.sources[u].get("status") == "ok" and manifest.sources[u].get("shard")})
+        return state.Plan(generation=(manifest.generation if manifest else 0) + 1, sources=sources,
+                          rewrite=rewrite, changed=changed)
+
+    def describe(self, plan: state.Plan, d: state.Diff | None, manifest, resume: bool) -> str:
+        lines = [f"output {redact_text(self.cfg.output)}: mode {self.cfg.mode}, recipe {self.recipe_hash}"]
+        if resume:
+            done = state.committed_in(manifest, plan.generation)
+            lines.append(f"resume generation {plan.generation}: {len(plan.sources) - len(done)} of "
+                         f"{len(plan.sources)} planned source(s) still to do")
+        else:
+            lines.append(f"generation {plan.generation}: {len(d.new)} new, {len(d.changed)} changed, "
+                         f"{d.unchanged} unchanged, {len(d.gone)} no longer listed (kept)")
+        if plan.rewrite:
+            lines.append(f"rewrite {len(plan.rewrite)} shard(s) without the changed sources' old samples")
+        lines += [f"  {redact_text(r['uri'])}" for r in plan.sources[:20]]
+        if len(plan.sources) > 20:
+            lines.append(f"  ... and {len(plan.sources) - 20} more")
+        lines.append(f"shards of about {self.cfg.shards.target_bytes:,} bytes; nothing was written (--dry-run)")
+        return "\n".join(lines)
+
+    # ---- executing a generation
+    def execute(self, manifest: shards.Manifest | None, plan: state.Plan, stats: RunStats, t0: float) -> RunStats:
+        cfg, out = self.cfg, self.out
+        if not self.started_ray and not ray.is_initialized():
+            self.started_ray = ensure_ray(cfg.resources)
+        if manifest is None:
+            manifest = shards.Manifest(mode=cfg.mode, recipe=self.recipe, recipe_hash=self.recipe_hash)
+        if manifest.pending is None:
+            out.save_plan(plan)
+            gen = state.begin(manifest, plan)
+        else:
+            gen = manifest.pending
+            gen.attempts += 1
+            out.remove_orphans(manifest, gen.id)
+        out.save(manifest)
+        stats.generation, stats.attempt = gen.id, gen.attempts
+        self.rewrite(manifest, gen, plan, stats)
+        done = state.committed_in(manifest, gen.id)
+        todo = [r for r in plan.sources if r["uri"] not in done]
+        stats.skipped, stats.inputs = len(plan.sources) - len(todo), len(todo)
+        log.info("generation %d: %d source(s) to process%s", gen.id, len(todo),
+                 f" ({stats.skipped} already committed)" if stats.skipped else "")
+        stats.startup_s = time.perf_counter() - t0
+        if todo:
+            self.process(manifest, gen, plan, todo, stats)
+        gen.finished = state.now()
+        out.save(manifest)
+        stats.status, stats.wall_s = "done", time.perf_counter() - t0
+        all_stats = out.load_stats()
+        all_stats["generations"][str(gen.id)] = stats.to_json()
+        all_stats["last_run"] = stats.to_json()
+        out.save_stats(all_stats)
+        out.finish()
+        return stats
+
+    def rewrite(self, manifest: shards.Manifest, gen: shards.Generation, plan: state.Plan, stats: RunStats) -> None:
+        """Drop the changed sources' old samples: rewrite each older shard holding some, then commit."""
+        listed = {s.name: s for s in manifest.shards}
+        changed = set(plan.changed)
+        prefixes = tuple(f"{shards.source_id(u)}_" for u in plan.changed)
+        for i, old in enumerate(plan.rewrite):
+            if old not in listed:
+                continue  # done by an earlier attempt
+            name = shards.shard_name(gen.id, i)
+            res = writer.concatenate([self.out.path(old)], self.out.path(name), self.out.options, prefixes)
+            new = (shards.ShardEntry(name=name, samples=len(res["keys"]), bytes=res["bytes"], generation=gen.id,
+                                     sha256=res["sha256"]) if res["keys"] else None)
+            if new is None:
+                writer.remove([self.out.path(name)], self.out.options)
+            state.apply_rewrite(manifest, gen, old, new, changed)
+            self.out.save(manifest)
+            stats.rewritten_shards += 1
+            log.info("rewrote %s as %s without %d changed source(s)", old, name if new else "(nothing left)",
+                     len(changed))
+
+    def process(self, manifest: shards.Manifest, gen: shards.Generation, plan: state.Plan, todo: list[dict],
+                stats: RunStats) -> None:
+        cfg, out = self.cfg, self.out
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = cfg.progress
+        settings = StageSettings(mode=cfg.mode, clips=cfg.clips, grounding=cfg.grounding, audio=cfg.audio,
+                                 storage=cfg.storage, recipe_hash=self.recipe_hash, work_url=out.work_url(gen.id),
+                                 decode_timeout_s=cfg.resources.decode_timeout_s,
+                                 clips_per_row=cfg.resources.clips_per_row, scratch_dir=cfg.resources.scratch_dir)
+        rows = [{**r, "order": i, "failure": "", "probe": "", "clips": "", "queries": r.get("queries", "[]")}
+                for i, r in enumerate(todo)]
+        reasons: Counter = Counter()
+
+        def start_shard(shard: _Shard) -> ray.ObjectRef:
+            return assemble.remote(shard.part_urls, out.path(shards.shard_name(gen.id, shard.index)), out.options)
+
+        def commit(shard: _Shard, written: dict | None) -> None:
+            entry = None
+            if written is not None:
+                entry = shards.ShardEntry(name=shards.shard_name(gen.id, shard.index), samples=len(written["keys"]),
+                                          bytes=written["bytes"], generation=gen.id, sha256=written["sha256"])
+                stats.shards, stats.samples, stats.bytes = stats.shards + 1, stats.samples + entry.samples, \
+                    stats.bytes + entry.bytes
+            state.record_sources(manifest, gen, entry, shard.outcomes)
+            out.save(manifest)
+            for _, outcome in shard.outcomes:
+                if "reason" in outcome:
+                    reasons[outcome["reason"]] += 1
+            writer.remove(shard.part_urls, out.options)
+            log.info("committed %s: %d source(s), %d sample(s); %d/%d sources done",
+                     entry.name if entry else "no shard", len(shard.outcomes), entry.samples if entry else 0,
+                     len(state.committed_in(manifest, gen.id)), gen.inputs)
+
+        # Rewritten shards take indices 0..len(rewrite)-1; packed shards follow, continuing after a restart.
+        taken = [int(s.name[-9:-4]) for s in manifest.shards if s.generation == gen.id]
+        first_index = max([len(plan.rewrite)] + [i + 1 for i in taken])
+        packer = Packer(rows, first_index, cfg.shards.target_bytes, commit, start_shard)
+        dataset = build_dataset(rows, settings, cfg.resources)
+        for result in dataset.iter_rows():
+            packer.add(result)
+            if not result["failure"]:
+                summary = json.loads(result["summary"])
+                stats.clips += summary["clips"]
+                if result["seg"] == 0:
+                    stats.video_seconds += summary["duration"]
+        packer.finish()
+        log.debug("Ray Data stage times:\n%s", dataset.stats())
+        stats.quarantined = reasons
+
+
+def run(cfg: PreprocessConfig) -> Result:
+    """Plan and run the preprocessing job described by ``cfg`` (see the module docstring)."""
+    return Job(cfg).run()

@@ -1,0 +1,208 @@
+"""Crash isolation for native decoders: run them in a child process, so a segfault costs one call, not the worker.
+
+decord and FFmpeg are C/C++; a corrupt file can crash them (SIGSEGV, SIGABRT) or hang them. A Ray worker that
+dies takes its whole batch and, after Ray's retries, the job with it. So the decode stages keep one long-lived
+child (``python -m pipelines.sandbox``) per actor and send it one request at a time over a pipe:
+
+    parent (Ray actor)                                child (this module's ``main``)
+    call("decode_segment", path=..., ...)  -- pickle -->   reader.SANDBOXED["decode_segment"](**kwargs)
+                                           <-- pickle --   ("ok", result) | ("error", type, message, reason)
+
+A child that exits or is killed mid-call (crash), or does not answer within the timeout (killed, counted as a
+crash), raises ``SandboxCrash``; the next call starts a fresh child. ``call_with_retry`` retries a crash once and
+then gives up with the crash: the caller quarantines the input. An input error inside the child
+(``reader.INPUT_ERRORS``: demuxer and decoder errors, I/O errors) is a clean failure (``SandboxError``, not
+retried: decoding the same bytes again gives the same error). Any other exception is a bug or a broken install,
+not a bad input: it is raised as ``RuntimeError`` so the job fails instead of quarantining every input.
+Only the functions in ``reader.SANDBOXED`` can be called; messages are pickles between our own two processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+_HEADER = 8  # big-endian payload length
+_READY = b"ready\n"
+_START_TIMEOUT_S = 300.0
+_PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class SandboxCrash(RuntimeError):
+    """The child died or hung during a call. ``attempts`` calls were made."""
+
+    def __init__(self, message: str, attempts: int = 1):
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class SandboxError(RuntimeError):
+    """The input failed in the child (one of ``reader.INPUT_ERRORS``): ``type_name``, message, ``reason`` if any."""
+
+    def __init__(self, type_name: str, message: str, reason: str = ""):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.reason = reason
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _send(stream, obj: Any) -> None:
+    payload = pickle.dumps(obj, protocol=5)
+    stream.write(len(payload).to_bytes(_HEADER, "big") + payload)
+    stream.flush()
+
+
+class Sandbox:
+    """One child process, started on first use and restarted after a crash. ``role`` only labels the child's
+    command line (``python -m pipelines.sandbox decode``), so operators can tell probe and decode children apart."""
+
+    def __init__(self, role: str = "decode", timeout_s: float = 300.0):
+        self.role = role
+        self.timeout_s = timeout_s
+        self._proc: subprocess.Popen | None = None
+        self.crashes = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def _start(self) -> subprocess.Popen:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
+        env.setdefault("OMP_NUM_THREADS", "1")  # one decoder per core: processes scale, decoder threads did not
+        self._proc = subprocess.Popen([sys.executable, "-m", "pipelines.sandbox", self.role], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, env=env, close_fds=True)
+        # A child that cannot even import its decoders is a broken install, not a bad input: fail loudly.
+        try:
+            self._read_exact(len(_READY), time.monotonic() + _START_TIMEOUT_S)
+        except (EOFError, TimeoutError):
+            raise RuntimeError(f"sandbox child ({self.role}) did not start: {self._kill()}; see its stderr") from None
+        return self._proc
+
+    def _read_exact(self, n: int, deadline: float) -> bytes:
+        fd = self._proc.stdout.fileno()
+        chunks, got = [], 0
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while got < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sel.select(timeout=remaining):
+                    raise TimeoutError
+                chunk = os.read(fd, min(n - got, 1 << 22))
+                if not chunk:
+                    raise EOFError
+                chunks.append(chunk)
+                got += len(chunk)
+        return b"".join(chunks)
+
+    def _kill(self) -> str:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return "not started"
+        if proc.poll() is None:
+            proc.kill()
+        code = proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            stream.close()
+        return _describe_exit(code)
+
+    def call(self, name: str, timeout_s: float | None = None, **kwargs) -> Any:
+        """One attempt of ``reader.SANDBOXED[name](**kwargs)`` in the child."""
+        if self._proc is None or self._proc.poll() is not None:
+            if self._proc is not None:
+                self._kill()
+            self._start()
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            _send(self._proc.stdin, (name, kwargs))
+            deadline = time.monotonic() + timeout
+            size = int.from_bytes(self._read_exact(_HEADER, deadline), "big")
+            reply = pickle.loads(self._read_exact(size, deadline))
+        except TimeoutError:
+            self.crashes += 1
+            raise SandboxCrash(f"decoder hung: no answer in {timeout:.0f} s ({self._kill()})") from None
+        except (EOFError, BrokenPipeError):
+            self.crashes += 1
+            raise SandboxCrash(f"decoder crashed: {self._kill()}") from None
+        if reply[0] == "ok":
+            return reply[1]
+        if reply[0] == "bug":  # not the input's fault: fail the task (and, after Ray's retries, the job)
+            raise RuntimeError(f"sandboxed {name} failed with {reply[1]}: {reply[2]}\n{reply[3]}")
+        raise SandboxError(*reply[1:])
+
+    def call_with_retry(self, name: str, retries: int = 1, **kwargs) -> Any:
+        """``call``, repeated in a fresh child after a crash, at most ``retries`` times."""
+        for attempt in range(1, retries + 2):
+            try:
+                return self.call(name, **kwargs)
+            except SandboxCrash as crash:
+                log.warning("%s (attempt %d of %d)", crash, attempt, retries + 1)
+                if attempt == retries + 1:
+                    raise SandboxCrash(str(crash), attempts=attempt) from None
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.stdin.close()  # EOF: the child leaves its loop
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
+            pass
+
+
+def main() -> None:
+    """Child loop: read a request, run it, answer; exit on EOF (the parent closed the pipe or died)."""
+    # The pipe to the parent is a private copy of stdout; fd 1 then points at stderr, so anything a C library
+    # prints cannot corrupt the protocol.
+    reply_stream = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    from pipelines import reader  # imported here: the child pays decord/PyAV start-up, not the parent
+
+    reply_stream.write(_READY)
+    reply_stream.flush()
+    requests = sys.stdin.buffer
+    while True:
+        header = requests.read(_HEADER)
+        if len(header) < _HEADER:
+            return
+        name, kwargs = pickle.loads(requests.read(int.from_bytes(header, "big")))
+        try:
+            reply = ("ok", reader.SANDBOXED[name](**kwargs))
+        except reader.INPUT_ERRORS as e:
+            reply = ("error", type(e).__name__, str(e)[:2000], getattr(e, "reason", ""))
+        except Exception as e:  # noqa: BLE001 - a bug or a broken install: goes back whole, so the job fails loudly
+            reply = ("bug", type(e).__name__, str(e)[:2000], traceback.format_exc())
+        _send(reply_stream, reply)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""The Ray Data stages, in graph order. Each takes and returns rows (dicts); a row that failed carries a
+``failure`` (JSON QuarantineRecord fields) and passes through the later stages untouched, so every planned source
+reaches the driver as a result, good or bad.
+
+    row per source   probe      ProbeStage (actor + sandboxed PyAV)    streams, duration, clips; rejects early
+    row per segment  decode     DecodeStage (actor + sandboxed decord/PyAV): frames at the sampled instants,
+                                 resized (TVLT 224 crop | TVP longest edge 448), audio per clip as float mono
+                     log_mel    log_mel_stage: the clip's audio -> normalised TVLT spectrogram, float16
+                     encode     encode_stage: JPEG frames + mel.npy + JSON record -> tar bytes of the segment
+                     write      write_stage: the tar to ``_work/gen-G/<sid>-<seg>.tar``; only metadata goes on
+
+A segment is at most ``resources.clips_per_row`` clips of one video: the unit that bounds a row's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from pipelines import clips as clipping
+from pipelines import writer
+from pipelines.config import AudioConfig, ClipConfig, GroundingConfig, StorageConfig
+from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
+from pipelines.sources import is_remote
+from tvlt_core import audio as tvlt_audio
+from tvlt_core import shards
+from tvlt_core import video as tvlt_video
+
+log = logging.getLogger(__name__)
+_NO_FRAMES = np.zeros((0, 1, 1, 1, 3), dtype=np.uint8)
+_NO_AUDIO = np.zeros(0, dtype=np.float32)
+_NO_BOUNDS = np.zeros(1, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What the stages need, and nothing else (credentials travel inside ``storage``, never printed)."""
+
+    mode: str
+    clips: ClipConfig
+    grounding: GroundingConfig
+    audio: AudioConfig
+    storage: StorageConfig
+    recipe_hash: str
+    work_url: str  # where parts go: <output>/_work/gen-G
+    decode_timeout_s: float
+    clips_per_row: int
+    scratch_dir: str = ""
+
+
+def failed(row: dict, stage: str, reason: str, error: str) -> dict:
+    """The row of a source that gives no samples, with where and why."""
+    return {**row, "failure": json.dumps({"stage": stage, "reason": reason, "error": error[:2000]})}
+
+
+def _segment_row(row: dict, seg: int, n_segs: int, frames=_NO_FRAMES, audio=_NO_AUDIO, bounds=_NO_BOUNDS,
+                 decoded: str = "") -> dict:
+    return {**row, "seg": seg, "n_segs": n_segs, "frames": frames, "audio": audio, "audio_bounds": bounds,
+            "decoded": decoded}
+
+
+# ---------------------------------------------------------------------------------------------------------- probe
+def plan_clips(settings: StageSettings, duration: float) -> list[clipping.Clip]:
+    if settings.mode == "grounding":
+        return [clipping.whole(duration)]
+    c = settings.clips
+    return clipping.windows(duration, c.length_s, c.stride_s, c.min_length_s)
+
+
+class ProbeStage:
+    """Open each source (headers and first frames only, through range reads on object stores) and reject early
+    what cannot become samples: unreadable or empty objects, non-videos, no video stream, an undecodable first
+    frame, too short for one clip, no audio in pretrain mode when the config says quarantine."""
+
+    def __init__(self, settings: StageSettings):
+        self.settings = settings
+        self.sandbox = Sandbox("probe", timeout_s=settings.decode_timeout_s)
+
+    def __call__(self, row: dict) -> dict:
+        s = self.settings
+        if row["failure"]:
+            return row
+        if row["size"] == 0:
+            return failed(row, "probe", "empty_object", "the object is 0 bytes long")
+        if row["size"] < 0:
+            return failed(row, "listing", "unreadable", "listed in the input list but not found in the store")
+        try:
+            info = self.sandbox.call_with_retry("probe", uri=row["uri"], storage_options=s.storage.options(row["uri"]),
+                                                want_audio=s.mode == "pretrain")
+        except SandboxError as e:
+            return failed(row, "probe", e.reason or "probe_error", e.message)
+        except SandboxCrash as e:
+            return failed(row, "probe", "decoder_crash", f"{e} ({e.attempts} attempts)")
+        if s.mode == "pretrain" and info["audio"] is None and s.audio.missing == "quarantine":
+            return failed(row, "probe", "no_audio", f"{info['audio_problem']} (audio.missing=quarantine)")
+        clips = plan_clips(s, info["duration"])
+        if not clips:
+            return failed(row, "probe", "too_short", f"{info['duration']:.3f} s of video, less than "
+                          f"clips.min_length_s={s.clips.min_length_s}")
+        return {**row, "probe": json.dumps(info), "clips": json.dumps([[c.index, c.start, c.end] for c in clips])}
+
+
+# --------------------------------------------------------------------------------------------------------- decode
+def resize_longest_edge(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> (T, h, w, 3) with the longest edge ``size`` (PIL bilinear, sides truncated like
+    ``TvpImageProcessor``), not padded: the loader pads, so shards keep no padding bytes."""
+    h, w = frames.shape[1:3]
+    new_h, new_w = (size, int(size * w / h)) if h >= w else (int(size * h / w), size)
+    return np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), resample=Image.BILINEAR)) for f in frames])
+
+
+def _local_copy(uri: str, storage: StorageConfig, scratch_dir: str) -> tuple[str, str | None]:
+    """(path decord can open, temporary folder to delete or None). Remote objects are downloaded once per video."""
+    if not is_remote(uri):
+        return uri[len("file://"):] if uri.startswith("file://") else uri, None
+    folder = tempfile.mkdtemp(prefix="decode-", dir=scratch_dir or None)
+    path = os.path.join(folder, "source" + os.path.splitext(uri.split("?", 1)[0])[1])
+    with fsspec.open(uri, "rb", **storage.options(uri)) as src, open(path, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=1 << 22)
+    return path, folder
+
+
+class DecodeStage:
+    """Decode each probed source segment by segment in a sandboxed child (decord frames, PyAV audio) and apply
+    the frame transform. A crash or hang is retried once in a fresh child, then the source is quarantined."""
+
+    def __init__(self, settings: StageSettings):
+        self.settings = settings
+        self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s)
+
+    def __call__(self, row: dict):
+        if row["failure"]:
+            yield _segment_row(row, -1, 0)
+            return
+        s = self.settings
+        clips = [clipping.Clip(*c) for c in json.loads(row["clips"])]
+        info = json.loads(row["probe"])
+        want_audio = s.mode == "pretrain" and info["audio"] is not None
+        frames_per_clip = s.grounding.frames if s.mode == "grounding" else s.clips.frames
+        path, scratch = _local_copy(row["uri"], s.storage, s.scratch_dir)
+        try:
+            segs = clipping.segments(clips, s.clips_per_row)
+            for k, seg in enumerate(segs):
+                try:
+                    out = self._decode(path, seg, frames_per_clip, want_audio)
+                except SandboxCrash as e:
+                    yield _segment_row(failed(row, "decode", "decoder_crash", f"{e} ({e.attempts} attempts)"), -1, 0)
+                    return
+                except SandboxError as e:
+                    yield _segment_row(failed(row, "decode", e.reason or "undecodable_video", e.message), -1, 0)
+                    return
+                yield self._row(row, k, len(segs), out)
+        finally:
+            try:
+                self.sandbox.call("release")
+            except (SandboxCrash, SandboxError):
+                pass  # the next call starts a fresh child anyway
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def _decode(self, path: str, seg: list[clipping.Clip], frames_per_clip: int, want_audio: bool) -> dict:
+        times = [clipping.frame_times(c, frames_per_clip).tolist() for c in seg]
+        out = self.sandbox.call_with_retry("decode_frames", path=path, times=times)
+        out.update(audio=None, audio_rate=0, audio_error="")
+        if want_audio:
+            try:
+                sound = self.sandbox.call_with_retry("decode_audio_windows", path=path,
+                                                     windows=[[c.start, c.end] for c in seg])
+                out["audio"], out["audio_rate"] = sound["audio"], sound["audio_rate"]
+            except SandboxError as e:
+                if self.settings.audio.missing == "quarantine":
+                    raise SandboxError(e.type_name, f"audio track: {e.message}", "undecodable_audio") from None
+                out["audio"], out["audio_error"] = None, e.message
+        return out
+
+    def _row(self, row: dict, k: int, n_segs: int, out: dict) -> dict:
+        s = self.settings
+        if s.mode == "grounding":
+            frames = resize_longest_edge(out["frames"][0], s.grounding.size)[None]
+        else:
+            frames = np.stack([tvlt_video.resize_center_crop(f, s.clips.size) for f in out["frames"]])
+        audio, bounds = _NO_AUDIO, np.zeros(len(out["frames"]) + 1, dtype=np.int64)
+        if out.get("audio") is not None:
+            audio = np.concatenate(out["audio"]).astype(np.float32)
+            bounds = np.concatenate([[0], np.cumsum([len(a) for a in out["audio"]])]).astype(np.int64)
+        decoded = {"frame_times": out["frame_times"], "audio_rate": out["audio_rate"],
+                   "audio_error": out["audio_error"]}
+        return _segment_row(row, k, n_segs, frames, audio, bounds, json.dumps(decoded))
+
+
+# -------------------------------------------------------------------------------------------- log-mel and encode
+def _min_samples(rate: int) -> int:
+    """Fewest samples at ``rate`` that still give one spectrogram frame at 44.1 kHz."""
+    return int(np.ceil((tvlt_audio.N_FFT // 2 + 1) * rate / tvlt_audio.SAMPLE_RATE)) + 1
+
+
+def log_mel_stage(row: dict, settings: StageSettings) -> dict:
+    """Per clip: the normalised TVLT log-mel (float16, concatenated over the segment's clips, ``mel_bounds`` marks
+    where each clip's frames start); a clip without (enough) audio gets no spectrogram, its bound repeats."""
+    if row["failure"] or settings.mode != "pretrain":
+        return {**row, "mel": np.zeros((0, tvlt_audio.NUM_MEL_BINS), np.float16), "mel_bounds": _NO_BOUNDS}
+    rate = json.loads(row["decoded"])["audio_rate"]
+    bounds, mels = row["audio_bounds"], []
+    for i in range(len(bounds) - 1):
+        wave = np.array(row["audio"][bounds[i] : bounds[i + 1]])  # a writable copy: Ray hands out read-only views
+        if rate and len(wave) >= _min_samples(rate):
+            mels.append(tvlt_audio.log_mel(wave, rate).numpy().astype(np.float16))
+        else:
+            mels.append(np.zeros((0, tvlt_audio.NUM_MEL_BINS), np.float16))
+    mel_bounds = np.concatenate([[0], np.cumsum([len(m) for m in mels])]).astype(np.int64)
+    return {**row, "mel": np.concatenate(mels), "mel_bounds": mel_bounds}
+
+
+def _record(row: dict, settings: StageSettings, clip: clipping.Clip, frame_times: list[float], info: dict, rate: int,
+            mel_frames: int) -> dict:
+    rec = {"key": shards.sample_key(row["uri"], clip.index), "mode": settings.mode, "recipe": settings.recipe_hash,
+           "uri": row["uri"], "size": row["size"], "etag": row["etag"], "mtime": row["mtime"],
+           "extra": json.loads(row["extra"]), "clip": clip.index, "start": clip.start, "end": clip.end,
+           "frame_times": frame_times, "frames": len(frame_times), "fps": info["fps"], "duration": info["duration"],
+           "width": info["width"], "height": info["height"], "rotation": info["rotation"]}
+    if settings.mode == "grounding":
+        rec["queries"] = json.loads(row["queries"])
+        return rec
+    audio = info["audio"] or {}
+    rec.update(audio_present=mel_frames > 0, sample_rate=audio.get("sample_rate", rate), channels=audio.get("channels", 0),
+               mel_frames=mel_frames)
+    return rec
+
+
+def encode_stage(row: dict, settings: StageSettings) -> dict:
+    """JPEG frames, mel.npy and the JSON record of every clip of the segment -> the segment's tar bytes.
+
+    Clips without audio are kept (no mel.npy, ``audio_present`` false) when ``audio.missing`` is "silent" and
+    dropped otherwise; the array columns are dropped here, so only bytes and metadata go on."""
+    base = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure")}
+    if row["failure"]:
+        return {**base, "part": b"", "summary": ""}
+    clips = [clipping.Clip(*c) for c in json.loads(row["clips"])]
+    seg = clipping.segments(clips, settings.clips_per_row)[row["seg"]]
+    info, decoded = json.loads(row["probe"]), json.loads(row["decoded"])
+    samples, dropped = [], 0
+    for i, clip in enumerate(seg):
+        mel = None
+        if settings.mode == "pretrain":
+            mel = row["mel"][row["mel_bounds"][i] : row["mel_bounds"][i + 1]]
+            if len(mel) == 0:
+                mel = None
+                if settings.audio.missing == "quarantine":
+                    dropped += 1
+                    continue
+        record = _record(row, settings, clip, decoded["frame_times"][i], info, decoded["audio_rate"],
+                         0 if mel is None else len(mel))
+        samples.append(shards.encode_sample(record["key"], row["frames"][i], record, mel))
+    summary = {"samples": len(samples), "keys": [s["__key__"] for s in samples], "clips": len(seg),
+               "dropped_no_audio": dropped, "seconds": sum(c.length for c in seg), "duration": info["duration"]}
+    return {**base, "part": writer.tar_bytes(samples) if samples else b"", "summary": json.dumps(summary)}
+
+
+def write_stage(row: dict, settings: StageSettings) -> dict:
+    """Write the segment's tar to the generation's work folder under a name fixed by (source, segment)."""
+    out = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure", "summary")}
+    out["part_url"], out["part_bytes"] = "", len(row["part"])
+    if row["part"]:
+        out["part_url"] = writer.part_url(settings.work_url, row["sid"], row["seg"])
+        writer.publish(out["part_url"], row["part"], settings.storage.options(out["part_url"]))
+    return out

@@ -1,0 +1,69 @@
+"""Run statistics: what a run did, as the summary table printed at the end and the entry kept in stats.json."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RunStats:
+    """Counts of one run (one generation, or a resumed part of one). Rates use this run's wall time."""
+
+    generation: int = 0
+    status: str = ""  # done | nothing_to_do | dry_run
+    listed: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    gone: int = 0
+    planned: int = 0  # sources of the generation
+    skipped: int = 0  # already committed by an earlier, interrupted attempt
+    inputs: int = 0  # sources this run processed
+    clips: int = 0
+    samples: int = 0
+    shards: int = 0
+    bytes: int = 0
+    rewritten_shards: int = 0
+    video_seconds: float = 0.0
+    quarantined: Counter = field(default_factory=Counter)  # reason -> count
+    wall_s: float = 0.0
+    startup_s: float = 0.0  # Ray start-up and plan, before the first source is read
+    attempt: int = 1
+
+    @property
+    def videos_per_s(self) -> float:
+        return self.inputs / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def video_s_per_s(self) -> float:
+        return self.video_seconds / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["quarantined"] = dict(sorted(self.quarantined.items()))
+        data.update(videos_per_s=round(self.videos_per_s, 3), video_s_per_s=round(self.video_s_per_s, 2))
+        return data
+
+    def table(self) -> str:
+        """The end-of-run summary, one metric per line."""
+        rows = [
+            ("generation", f"{self.generation} ({self.status}{', attempt %d' % self.attempt if self.attempt > 1 else ''})"),
+            ("sources listed", f"{self.listed}: {self.new} new, {self.changed} changed, {self.unchanged} unchanged"
+                               + (f", {self.gone} gone (samples kept)" if self.gone else "")),
+            ("inputs processed", f"{self.inputs}" + (f" (+{self.skipped} committed before a restart)"
+                                                     if self.skipped else "")),
+            ("clips", f"{self.clips}"),
+            ("samples", f"{self.samples}"),
+            ("shards", f"{self.shards}" + (f" (+{self.rewritten_shards} rewritten)" if self.rewritten_shards else "")),
+            ("bytes", f"{self.bytes:,} ({self.bytes / 1e6:.1f} MB)"),
+            ("quarantined", f"{sum(self.quarantined.values())}"),
+        ]
+        rows += [(f"  {reason}", f"{n}") for reason, n in sorted(self.quarantined.items())]
+        rows += [
+            ("wall time", f"{self.wall_s:.1f} s (start-up {self.startup_s:.1f} s)"),
+            ("videos/s", f"{self.videos_per_s:.2f}"),
+            ("video s per s", f"{self.video_s_per_s:.1f} ({self.video_seconds:.1f} s of video)"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,207 @@
+"""Preprocessing parts without Ray: clip sampling, config rules, listing, crash isolation, tar writing, plans."""
+
+import io
+import json
+import os
+import signal
+import tarfile
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from fixtures.processes import Killer
+
+from jobs.config import ConfigError, parse
+from jobs.preprocess import main
+from pipelines import clips, state, writer
+from pipelines.config import MAX_CLIP_S, PreprocessConfig, SourceConfig, StorageConfig
+from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
+from pipelines.sources import list_sources
+from tvlt_core import shards
+
+
+# ------------------------------------------------------------------------------------------------- clip sampling
+@pytest.mark.parametrize("duration, length, stride, min_length, expected", [
+    (25.0, 10.0, 10.0, 1.0, [(0, 10), (10, 20), (20, 25)]),  # trailing window kept: 5 s >= 1 s
+    (20.5, 10.0, 10.0, 1.0, [(0, 10), (10, 20)]),  # trailing 0.5 s dropped
+    (3.0, 10.0, 10.0, 1.0, [(0, 3)]),  # shorter than one clip: one short clip
+    (0.5, 10.0, 10.0, 1.0, []),  # too short for any clip
+    (12.0, 10.0, 5.0, 1.0, [(0, 10), (5, 12)]),  # overlapping windows stop once one reaches the end
+])
+def test_windows(duration, length, stride, min_length, expected):
+    got = clips.windows(duration, length, stride, min_length)
+    assert [(c.start, c.end) for c in got] == expected
+    assert [c.index for c in got] == list(range(len(expected)))
+
+
+def test_frame_instants_and_indices_follow_presentation_times():
+    clip = clips.Clip(0, 2.0, 4.0)
+    np.testing.assert_allclose(clips.frame_times(clip, 4), [2.25, 2.75, 3.25, 3.75])
+    # variable frame rate: frames shown at 0, 0.1, 0.5, 0.6, 2.0 s
+    starts = np.array([0.0, 0.1, 0.5, 0.6, 2.0])
+    assert clips.frame_indices(np.array([0.0, 0.05, 0.1, 0.4, 0.59, 1.9, 2.0, 9.0]), starts).tolist() == [
+        0, 0, 1, 1, 2, 3, 4, 4]
+    assert clips.sample_range(clip, 100, offset=0.5) == (150, 350)
+
+
+# ------------------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("argv, names", [
+    (["--clips.length_s", "30"], ["clips.length_s", f"{MAX_CLIP_S:.3f}"]),
+    (["--mode", "grounding"], ["grounding.annotations"]),
+    (["--clips.min_length_s", "0.01"], ["clips.min_length_s"]),
+    (["--audio.missing", "ignore"], ["audio.missing", "quarantine", "silent"]),
+    (["--shards.target_bytes", "10"], ["shards.target_bytes"]),
+])
+def test_bad_settings_fail_before_any_work_naming_the_setting(argv, names, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse(PreprocessConfig, ["--input", str(tmp_path), "--output", str(tmp_path / "o"), *argv], prog="p")
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(synthetic_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--config", "preprocess_tiny", "--input", str(synthetic_corpus.root / "pretrain"), "--output",
+                 str(out), "--mode", "pretrain", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert code == 0 and not out.exists()
+    assert "generation 1: 6 new, 0 changed, 0 unchanged" in printed and "nothing was written" in printed
+    assert all(str(synthetic_corpus.path(v)) in printed for v in synthetic_corpus.of_kind("pretrain"))
+
+
+# ------------------------------------------------------------------------------------------------------ listing
+def test_listing_folders_globs_and_list_files(synthetic_corpus, tmp_path):
+    root = synthetic_corpus.root
+    everything = list_sources(str(root), SourceConfig(), StorageConfig())
+    assert len(everything) == len(synthetic_corpus.videos)  # every .mp4 below the folder, nothing else
+    assert [s.sid for s in everything] == sorted(s.sid for s in everything)
+    assert all(s.size == os.path.getsize(s.uri) and s.mtime for s in everything)
+    globbed = list_sources(str(root / "pretrain" / "pt_0000[01].mp4"), SourceConfig(), StorageConfig())
+    assert sorted(os.path.basename(s.uri) for s in globbed) == ["pt_00000.mp4", "pt_00001.mp4"]
+
+    rel = [f"pretrain/pt_0000{i}.mp4" for i in range(3)]
+    (root_list := tmp_path / "list").mkdir()
+    table = pa.table({"video": [str(root / r) for r in rel] + [str(root / "gone.mp4")],
+                      "label": [1, 2, 3, 4]})
+    pq.write_table(table, root_list / "videos.parquet")
+    (root_list / "videos.csv").write_text("uri,label\n" + "".join(f"{root / r},{i}\n" for i, r in enumerate(rel)))
+    (root_list / "pretrain").symlink_to(root / "pretrain")
+    (root_list / "list.jsonl").write_text("".join(json.dumps({"uri": r, "label": i}) + "\n" for i, r in enumerate(rel)))
+    from_jsonl = list_sources(str(root_list / "list.jsonl"), SourceConfig(), StorageConfig())  # relative URIs
+    assert {s.uri for s in from_jsonl} == {str(root_list / r) for r in rel}
+    from_csv = list_sources(str(root_list / "videos.csv"), SourceConfig(), StorageConfig())
+    from_parquet = list_sources(str(root_list / "videos.parquet"), SourceConfig(uri_column="video"), StorageConfig())
+    assert {s.uri for s in from_csv} == {str(root / r) for r in rel}
+    assert {s.uri: s.extra for s in from_csv}[str(root / rel[2])] == {"label": 2}
+    missing = [s for s in from_parquet if s.uri.endswith("gone.mp4")]
+    assert len(from_parquet) == 4 and missing[0].size == -1  # listed, absent: quarantined later, with a reason
+    with pytest.raises(ValueError, match="sources.uri_column"):
+        list_sources(str(root_list / "videos.parquet"), SourceConfig(), StorageConfig())
+
+
+# ---------------------------------------------------------------------------------------------- crash isolation
+def test_a_decoder_killed_mid_call_costs_that_call_and_is_retried_once(synthetic_corpus):
+    video = str(synthetic_corpus.path(synthetic_corpus.of_kind("grounding")[0]))
+    times = [list(np.linspace(0, 20, 200))]  # long enough to be caught mid-decode
+    sandbox = Sandbox("decode-unit-test", timeout_s=120)
+    try:
+        killer = Killer(video, role="decode-unit-test", times=1)
+        killer.start()
+        with pytest.raises(SandboxCrash, match="SIGSEGV"):
+            sandbox.call("decode_frames", path=video, times=times)
+        killer.stop()
+        assert killer.kills == 1
+        # The next call gets a fresh child; with one more crash, call_with_retry's retry succeeds.
+        killer = Killer(video, role="decode-unit-test", times=1, sig=signal.SIGKILL)
+        killer.start()
+        out = sandbox.call_with_retry("decode_frames", path=video, times=[[1.0, 2.0]])
+        killer.stop()
+        assert killer.kills == 1 and sandbox.crashes == 2 and out["frames"][0].shape[0] == 2
+        # Crashing every time: two attempts, then the crash goes to the caller (who quarantines the input).
+        killer = Killer(video, role="decode-unit-test", times=2)
+        killer.start()
+        with pytest.raises(SandboxCrash) as crash:
+            sandbox.call_with_retry("decode_frames", path=video, times=times)
+        killer.stop()
+        assert crash.value.attempts == 2
+        # A clean decoder error is the input's fault: reported with its reason, not retried.
+        with pytest.raises(SandboxError) as err:
+            sandbox.call_with_retry("probe", uri=str(synthetic_corpus.root / "broken" / "not_video.mp4"))
+        assert err.value.reason == "not_a_video" and sandbox.crashes == 4
+        # Anything else is a bug, not a bad input: it must fail the job, not quarantine inputs.
+        with pytest.raises(RuntimeError, match="TypeError"):
+            sandbox.call("decode_frames", path=video)
+    finally:
+        sandbox.close()
+
+
+def test_a_hung_decoder_is_killed_at_the_timeout(synthetic_corpus):
+    video = str(synthetic_corpus.path(synthetic_corpus.of_kind("grounding")[0]))
+    sandbox = Sandbox("decode-unit-test", timeout_s=120)
+    try:
+        sandbox.call("release")  # child started
+        pid = sandbox.pid
+        stopper = threading.Timer(0.01, os.kill, (pid, signal.SIGSTOP))  # a hang: the process stops answering
+        stopper.start()
+        with pytest.raises(SandboxCrash, match="no answer in 1 s"):
+            sandbox.call("decode_frames", timeout_s=1.0, path=video, times=[list(np.linspace(0, 20, 200))])
+        assert sandbox.pid is None
+    finally:
+        sandbox.close()
+
+
+# ----------------------------------------------------------------------------------------------- shard writing
+def _samples(sid: str, n: int) -> list[dict]:
+    return [{"__key__": f"{sid}_{i:04d}", "frame000.jpg": bytes([i]) * 10, "json": b"{}"} for i in range(n)]
+
+
+def test_tars_are_deterministic_and_concatenate_in_order_dropping_sources(tmp_path):
+    a, b = writer.tar_bytes(_samples("aaaa", 2)), writer.tar_bytes(_samples("bbbb", 3))
+    assert a == writer.tar_bytes(_samples("aaaa", 2))  # same samples, same bytes
+    for name, data in (("a.tar", a), ("b.tar", b)):
+        writer.publish(str(tmp_path / name), data, {})
+    assert sorted(os.listdir(tmp_path)) == ["a.tar", "b.tar"]  # no temporaries left behind
+    res = writer.concatenate([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], str(tmp_path / "s.tar"), {})
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        names = tar.getnames()
+    assert names == [f"aaaa_{i:04d}.{e}" for i in range(2) for e in ("frame000.jpg", "json")] + [
+        f"bbbb_{i:04d}.{e}" for i in range(3) for e in ("frame000.jpg", "json")]
+    assert res["keys"] == ["aaaa_0000", "aaaa_0001", "bbbb_0000", "bbbb_0001", "bbbb_0002"]
+    assert res["bytes"] == os.path.getsize(tmp_path / "s.tar")
+    again = writer.concatenate([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], str(tmp_path / "t.tar"), {})
+    assert again["sha256"] == res["sha256"]
+    dropped = writer.concatenate([str(tmp_path / "s.tar")], str(tmp_path / "u.tar"), {}, ("aaaa_",))
+    assert dropped["keys"] == res["keys"][2:]
+    with tarfile.open(fileobj=io.BytesIO((tmp_path / "u.tar").read_bytes())) as tar:
+        assert tar.extractfile("bbbb_0001.frame000.jpg").read() == bytes([1]) * 10
+
+
+# ------------------------------------------------------------------------------------------------ plans, state
+def _row(uri, size=10, etag="", mtime="1", annotations=""):
+    row = {"uri": uri, "sid": shards.source_id(uri), "size": size, "etag": etag, "mtime": mtime, "extra": "{}"}
+    return {**row, "annotations": annotations} if annotations else row
+
+
+def test_diff_finds_new_changed_unchanged_and_gone_sources():
+    m = shards.Manifest(mode="pretrain", recipe={}, recipe_hash="r")
+    m.sources = {"/a": {"size": 10, "etag": "", "mtime": "1", "status": "ok"},
+                 "/b": {"size": 10, "etag": "", "mtime": "1", "status": "quarantined"},
+                 "/c": {"size": 10, "etag": "", "mtime": "1", "status": "ok"},
+                 "/g": {"size": 10, "etag": "", "mtime": "1", "status": "ok"}}
+    d = state.diff(m, [_row("/a"), _row("/b"), _row("/c", mtime="2"), _row("/n")])
+    assert ([r["uri"] for r in d.new], [r["uri"] for r in d.changed], d.unchanged, d.gone) == (
+        ["/n"], ["/c"], 2, ["/g"])
+    # grounding: new queries for an unchanged file redo its sample
+    m.sources["/a"]["annotations"] = "h1"
+    assert [r["uri"] for r in state.diff(m, [_row("/a", annotations="h2")]).changed] == ["/a"]
+
+
+def test_an_output_folder_refuses_a_second_recipe():
+    cfg = PreprocessConfig(input="/in", output="/out")
+    m = shards.Manifest(mode="pretrain", recipe=cfg.recipe(), recipe_hash=shards.recipe_hash(cfg.recipe()))
+    state.check_recipe(m, "pretrain", cfg.recipe(), "/out")
+    other = PreprocessConfig(input="/in", output="/out", clips=type(cfg.clips)(length_s=5.0, stride_s=5.0))
+    with pytest.raises(state.RecipeMismatch, match="clips"):
+        state.check_recipe(m, "pretrain", other.recipe(), "/out")
