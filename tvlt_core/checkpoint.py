@@ -36,8 +36,14 @@ def _join(root: str, name: str) -> str:
 def read_folder(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read ``config.json`` and the weights of a checkpoint folder at ``path`` (local or fsspec URL).
 
-    Raises FileNotFoundError naming the folder when it holds no config or no weights.
+    ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` name a version of an MLflow registered model; its files
+    are fetched from the tracking server in ``MLFLOW_TRACKING_URI`` (or the local default, see
+    ``tvlt_core.tracking``) first. Raises FileNotFoundError naming the folder when it holds no config or no weights.
     """
+    if path.startswith("models:/"):
+        from tvlt_core.tracking import resolve_model_uri  # MLflow is imported only for registry URIs
+
+        path = resolve_model_uri(path)
     fs, root = fsspec.core.url_to_fs(path)
     config_path = _join(root, CONFIG_NAME)
     if not fs.exists(config_path):

@@ -261,17 +261,21 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            start = [dataclasses.replace(p) for p in self._positions]
-            loader = DataLoader(
-                _EpochStream(self, self.epoch, start),
-                batch_size=None,
-                num_workers=self.num_workers,
-                pin_memory=torch.cuda.is_available(),
-                persistent_workers=False,
-            )
-            for tagged in loader:
-                self._positions[tagged.worker] = tagged.position
-                yield tagged.batch
+            if self.step_in_epoch < self.steps_per_epoch:  # (a resume at the end of an epoch skips it)
+                start = [dataclasses.replace(p) for p in self._positions]
+                loader = DataLoader(
+                    _EpochStream(self, self.epoch, start),
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    pin_memory=torch.cuda.is_available(),
+                    persistent_workers=False,
+                    # its own generator: drawing worker seeds from the global one would shift the model's random
+                    # stream (masking noise) by one draw per epoch started, and a resumed run would diverge
+                    generator=torch.Generator().manual_seed(plan.seed_for(self.seed, self.epoch, self.rank)),
+                )
+                for tagged in loader:
+                    self._positions[tagged.worker] = tagged.position
+                    yield tagged.batch
             if self.step_in_epoch < self.steps_per_epoch:
                 raise RuntimeError(
                     f"rank {self.rank}: epoch {self.epoch} ended after {self.step_in_epoch} of "

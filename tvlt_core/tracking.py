@@ -1,0 +1,256 @@
+"""MLflow for training jobs: one run per job (written by rank 0), resumed by name, models exported and registered.
+
+Where: ``MLFLOW_TRACKING_URI`` (a tracking server, ``http://...``) when set, else a sqlite database and an
+artifact folder under the work dir (``work/mlflow.db``, ``work/mlartifacts``).
+
+One run per job. The run carries the tag ``tvlt.run_name``; starting a job whose run name already has a run
+continues that run (a restarted worker group, or a relaunch to resume), so a job never makes two runs. Metrics
+for steps the run already holds are not logged again: after a restart from a checkpoint at step 40, the steps
+41..N that the crashed attempt logged are kept and the repeated ones skipped, so each step appears once.
+
+Secrets: params are the resolved config with secrets masked (``tvlt_core.redaction``), redacted again here.
+
+Models. ``export_model`` writes a Hugging Face folder (config.json, model.safetensors, tokenizer files, a model
+card README.md) as run artifacts under ``model/`` and registers it as a new version of a registered model;
+``models:/NAME@latest`` always resolves to the newest version (MLflow reserves that alias), configured aliases
+(e.g. ``candidate``) are moved to it. ``resolve_model_uri`` turns ``models:/NAME@ALIAS`` or ``models:/NAME/N``
+into a local folder, which is how ``from_pretrained("models:/...")`` loads a registered model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tvlt_core.redaction import redact
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_TAG = "tvlt.run_name"
+MODEL_ARTIFACT_PATH = "model"
+DEFAULT_WORK_DIR = "work"
+
+
+def tracking_uri(work_dir: str = DEFAULT_WORK_DIR) -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else sqlite under ``work_dir`` (created)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    folder = Path(work_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder}/mlflow.db"
+
+
+def _artifact_location(uri: str, work_dir: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite-backed experiment go beside the database; a server chooses its own."""
+    if uri.startswith("sqlite:"):
+        return (Path(work_dir).resolve() / "mlartifacts" / experiment).as_uri()
+    return None
+
+
+def resolve_model_uri(uri: str, work_dir: str = DEFAULT_WORK_DIR) -> str:
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> a local folder holding the registered files."""
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri(work_dir))
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {"optim.lr": "0.0001", ...} (strings cut to MLflow's 6000-character limit)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a run trained on: recorded as its MLflow dataset input, so a model traces back to its shards."""
+
+    manifest_url: str
+    generation: int
+    recipe_hash: str
+    num_samples: int
+    num_shards: int
+
+
+class RunTracker:
+    """The MLflow run of one training job. Made on rank 0 only; every call is a no-op for steps already logged."""
+
+    def __init__(self, client, run_id: str, last_step: int, work_dir: str):
+        self.client, self.run_id, self.last_step, self.work_dir = client, run_id, last_step, work_dir
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        experiment: str,
+        run_name: str,
+        params: Mapping[str, Any],
+        dataset: DatasetInfo | None = None,
+        system_metrics: bool = True,
+        work_dir: str = DEFAULT_WORK_DIR,
+        files: Mapping[str, bytes] | None = None,
+    ) -> RunTracker:
+        """Create the run for ``run_name``, or continue it when it exists. ``files`` (e.g. the resolved config)
+        are logged as artifacts of a new run."""
+        import mlflow
+        from mlflow import MlflowClient
+
+        uri = tracking_uri(work_dir)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = (
+            found.experiment_id
+            if found is not None
+            else client.create_experiment(experiment, artifact_location=_artifact_location(uri, work_dir, experiment))
+        )
+        params = flatten(redact(dict(params)))
+        runs = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=2
+        )
+        if runs:
+            run_id = runs[0].info.run_id
+            tracker = cls(client, run_id, cls._last_logged_step(client, run_id), work_dir)
+            tracker._note_changed_params(runs[0].data.params, params)
+            log.info("MLflow: continuing run %s (%s) after step %d", run_name, run_id, tracker.last_step)
+        else:
+            run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+            run_id = run.info.run_id
+            tracker = cls(client, run_id, 0, work_dir)
+            tracker._log_params(params)
+            if dataset is not None:
+                tracker._log_dataset(dataset)
+            tracker.log_files(files or {}, "")
+            log.info("MLflow: new run %s (%s) in experiment %s at %s", run_name, run_id, experiment, redact(uri))
+        mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+        return tracker
+
+    @staticmethod
+    def _last_logged_step(client, run_id: str) -> int:
+        history = client.get_metric_history(run_id, "train/loss")
+        return max((m.step for m in history), default=0)
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def _note_changed_params(self, logged: Mapping[str, str], params: dict[str, str]) -> None:
+        """A run's params cannot change; a relaunch with other settings is recorded as tags instead."""
+        new = {k: v for k, v in params.items() if k not in logged}
+        if new:
+            self._log_params(new)
+        for key, value in params.items():
+            if key in logged and logged[key] != value:
+                log.warning("resumed with %s=%s (the run was started with %s)", key, value, logged[key])
+                self.client.set_tag(self.run_id, f"resumed_with.{key}", value)
+
+    def _log_dataset(self, info: DatasetInfo) -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        url = redact(info.manifest_url)
+        dataset = MetaDataset(resolve_dataset_source(url), name=url.rstrip("/").rsplit("/", 1)[-1], digest=info.recipe_hash)
+        tags = {
+            "mlflow.data.context": "training",
+            "generation": str(info.generation),
+            "recipe_hash": info.recipe_hash,
+            "samples": str(info.num_samples),
+            "shards": str(info.num_shards),
+        }
+        self.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])]
+        )
+
+    # --- during the run ------------------------------------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log ``metrics`` at ``step``, unless the run already holds that step (a repeat after a restart)."""
+        if step <= self.last_step:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_files(self, files: Mapping[str, bytes], artifact_path: str) -> None:
+        """Write ``files`` (name -> bytes) as run artifacts under ``artifact_path``."""
+        if not files:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            self.client.log_artifacts(self.run_id, tmp, artifact_path or None)
+
+    def export_model(
+        self,
+        folder: str,
+        *,
+        registered_model: str,
+        aliases: list[str],
+        description: str,
+        artifact_path: str = MODEL_ARTIFACT_PATH,
+    ) -> str | None:
+        """Log the Hugging Face folder ``folder`` under ``artifact_path`` and, with ``registered_model``, register
+        it as a new version and move ``aliases`` to it. Returns the version (or None when not registering)."""
+        from mlflow.exceptions import MlflowException
+
+        self.client.log_artifacts(self.run_id, folder, artifact_path)
+        if not registered_model:
+            return None
+        try:
+            self.client.create_registered_model(registered_model, description="TVLT / TVP checkpoints, Hugging Face format")
+        except MlflowException as err:
+            if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+        version = self.client.create_model_version(
+            registered_model, source=source, run_id=self.run_id, description=description
+        ).version
+        for alias in aliases:
+            self.client.set_registered_model_alias(registered_model, alias, version)
+        log.info("registered %s version %s (models:/%s@latest%s)", registered_model, version, registered_model,
+                 "".join(f", @{a}" for a in aliases))  # fmt: skip
+        return str(version)
+
+    def end(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        mlflow.end_run(status=status)
+
+
+def model_card(*, task: str, run_name: str, run_id: str, step: int, dataset: DatasetInfo | None,
+               config: Mapping[str, Any], results: Mapping[str, float]) -> str:  # fmt: skip
+    """A short README.md for an exported model: what was trained on what, with which config, how it scored."""
+    lines = [
+        f"# {task}",
+        "",
+        f"Trained by run `{run_name}` (MLflow run id `{run_id}`) for {step} optimizer steps.",
+        "",
+        "## Data",
+    ]
+    if dataset is not None:
+        lines += [
+            f"- shards: `{redact(dataset.manifest_url)}` (generation {dataset.generation}, "
+            f"recipe `{dataset.recipe_hash}`, {dataset.num_samples} samples in {dataset.num_shards} shards)"
+        ]
+    lines += ["", "## Results (training batches, last logging window)"]
+    lines += [f"- {k}: {v:.4g}" for k, v in sorted(results.items())] or ["- none recorded"]
+    lines += ["", "## Configuration", "", "```"]
+    lines += [f"{k}: {v}" for k, v in sorted(flatten(redact(dict(config))).items())]
+    lines += ["```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,312 @@
+"""The training loop: a small object with named steps.
+
+    trainer = Trainer(engine, task, loader, settings, rank=..., tracker=..., report=...)
+    trainer.restore(folder)        # optional: DeepSpeed state + loader position + step, from a checkpoint folder
+    summary = trainer.train()      # train_step until schedule.max_steps, logging, checkpointing, exporting
+    trainer.close()
+
+Checkpoint folder (every rank writes its own part; Ray Train merges them into one folder in storage)::
+
+    deepspeed/<tag>/...            DeepSpeed's files: model states and each rank's ZeRO partition
+    rank-00000.json ...            per rank: step, samples seen, DeepSpeed tag, loader position
+    rank-00000.rng.safetensors     per rank: torch random state (masking noise), so a resume is exact
+
+Nothing in here imports Ray or MLflow: ``report(metrics, folder)`` and ``tracker`` are handed in (Ray's
+``train.report`` and a ``RunTracker`` in the job; plain functions in tests).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tvlt_core import distributed
+from tvlt_core.checkpoint import write_folder
+from tvlt_core.data.stream import StreamingLoader
+from tvlt_core.tracking import DatasetInfo, RunTracker, model_card
+from tvlt_core.train.config import CheckpointConfig, OptimConfig, ScheduleConfig, TrackingConfig
+from tvlt_core.train.engine import full_state_dict
+from tvlt_core.train.schedule import lr_at
+from tvlt_core.train.tasks import Task
+
+log = logging.getLogger(__name__)
+
+DEEPSPEED_DIR = "deepspeed"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A rank computed a NaN or infinite loss; every rank raises it at the same step, before any update."""
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rank-{rank:05d}.rng.safetensors"
+
+
+@dataclass
+class LoopSettings:
+    """The config sections the loop reads (each component gets only its own)."""
+
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    checkpoint: CheckpointConfig
+    tracking: TrackingConfig
+    run_name: str = "run"
+    config: dict[str, Any] = field(default_factory=dict)  # resolved, secrets masked: for the model card
+    dataset: DatasetInfo | None = None
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last progress line."""
+
+    steps: int = 0
+    samples: int = 0
+    wait_s: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, parts: dict[str, float], samples: int, wait_s: float, grad_norm: float | None) -> None:
+        self.steps += 1
+        self.samples += samples
+        self.wait_s += wait_s
+        self.grad_norm += grad_norm or 0.0
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, 0.0) + v
+
+
+class Trainer:
+    def __init__(
+        self,
+        engine,
+        task: Task,
+        loader: StreamingLoader,
+        settings: LoopSettings,
+        *,
+        rank: distributed.RankInfo,
+        tracker: RunTracker | None = None,
+        report: Callable[[dict[str, Any], str | None], None] | None = None,
+    ):
+        self.engine, self.task, self.loader, self.s = engine, task, loader, settings
+        self.rank, self.tracker, self.report = rank, tracker, report
+        self.step = 0  # optimizer steps done
+        self.samples_seen = 0
+        self.device = next(engine.module.parameters()).device
+        self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+        self.samples_per_step = loader.batch_size * settings.optim.grad_accum_steps * rank.world_size
+        self.last: tuple[dict[str, Any], Any] | None = None  # (batch, output) of the latest micro-batch
+        self.last_metrics: dict[str, float] = {}
+
+    # --- one optimizer step ------------------------------------------------------------------------------------------
+    def lr(self, step: int) -> float:
+        sc = self.s.schedule
+        return lr_at(step, base_lr=self.s.optim.lr, warmup_steps=sc.warmup_steps, max_steps=sc.max_steps,
+                     min_lr_ratio=sc.min_lr_ratio)  # fmt: skip
+
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, float], float]:
+        """``grad_accum_steps`` micro-batches and one optimizer update. Returns (loss parts averaged over micro-
+        batches and ranks, seconds spent waiting for data)."""
+        lr = self.lr(self.step)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        totals: dict[str, float] = {}
+        wait = 0.0
+        self.engine.train()
+        for _ in range(self.s.optim.grad_accum_steps):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - t0
+            loss, parts, output = self.task.forward(self.engine, batch, self.device, self.dtype)
+            for k, v in self.check_finite(parts).items():
+                totals[k] = totals.get(k, 0.0) + v / self.s.optim.grad_accum_steps
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            self.last = (batch, output)
+        self.step += 1
+        self.samples_seen += self.samples_per_step
+        return {**totals, "lr": lr}, wait
+
+    def check_finite(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Average ``parts`` over ranks; raise ``NonFiniteLossError`` on every rank if any rank's loss is not
+        finite (one all-reduce: the values and a per-rank flag travel together)."""
+        names = sorted(parts)
+        world, here = self.rank.world_size, self.rank.rank
+        values = torch.tensor([float(parts[n].detach().float()) for n in names] + [0.0] * world, dtype=torch.float64)
+        if not math.isfinite(values[names.index("loss")]):
+            values[len(names) + here] = 1.0
+        values = distributed.all_reduce_sum(values)
+        bad = [r for r in range(world) if values[len(names) + r] > 0]
+        if bad:
+            local = {n: float(parts[n].detach().float()) for n in names}
+            raise NonFiniteLossError(
+                f"step {self.step + 1}: non-finite loss on rank(s) {bad} (this rank {here}: {local}); stopped on "
+                f"every rank before the update. Lower optim.lr, raise schedule.warmup_steps or check the data; "
+                f"the run resumes from its last checkpoint when launched again."
+            )
+        return {n: float(values[i]) / world for i, n in enumerate(names)}
+
+    # --- the run -------------------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        """Train until ``schedule.max_steps``; log, checkpoint and export on the configured steps."""
+        max_steps, tr, ck = self.s.schedule.max_steps, self.s.tracking, self.s.checkpoint
+        start_step, started = self.step, time.perf_counter()
+        if self.step >= max_steps:
+            log.info("run %s is already at step %d of %d: nothing to train", self.s.run_name, self.step, max_steps)
+        batches = iter(self.loader)
+        window, total = _Window(), _Window()
+        while self.step < max_steps:
+            parts, wait = self.train_step(batches)
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            for w in (window, total):
+                w.add(parts, self.samples_per_step, wait, grad_norm)
+            at_end = self.step == max_steps
+            if self.step % tr.log_every_steps == 0 or at_end:
+                self.log_window(window)
+                window = _Window()
+            if at_end:
+                break  # the final checkpoint is written after the export, below
+            if tr.artifact_every_steps and self.step % tr.artifact_every_steps == 0:
+                self.log_artifacts()
+            if self.step % ck.every_steps == 0:
+                self.save_and_report()
+            if ck.export_every_steps and self.step % ck.export_every_steps == 0:
+                self.export(f"model-step-{self.step:08d}")
+        summary = self.summary(total, time.perf_counter() - started)
+        if self.step > start_step:
+            # export before the last checkpoint: a run whose final checkpoint exists has been exported, and a
+            # crash in between repeats the last steps and the export instead of losing the export
+            self.log_artifacts()
+            self.export("model")
+            self.save_and_report(summary)
+        return summary
+
+    def log_window(self, w: _Window) -> None:
+        elapsed = time.perf_counter() - w.started
+        metrics = {f"train/{k}": v / w.steps for k, v in w.parts.items() if k != "lr"}
+        metrics.update({
+            "train/lr": w.parts["lr"] / w.steps,
+            "train/grad_norm": w.grad_norm / w.steps,
+            "train/epoch": float(self.loader.epoch),
+            "perf/samples_per_s": w.samples / elapsed,
+            "perf/data_wait_s": w.wait_s,
+            "perf/data_wait_share": w.wait_s / elapsed,
+        })  # fmt: skip
+        self.last_metrics = metrics
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, self.step)
+        eta = (self.s.schedule.max_steps - self.step) * elapsed / w.steps
+        log.info(
+            "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s  data wait %.0f%%  ETA %s",
+            self.step, self.s.schedule.max_steps, metrics["train/loss"], metrics["train/lr"],
+            metrics["perf/samples_per_s"], 100 * metrics["perf/data_wait_share"], time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )  # fmt: skip
+
+    def log_artifacts(self) -> None:
+        if self.tracker is None or self.last is None:
+            return
+        batch, output = self.last
+        files = self.task.artifacts(self.engine.module, batch, output)
+        self.tracker.log_files(files, f"samples/step-{self.step:08d}")
+
+    def summary(self, total: _Window, wall_s: float) -> dict[str, float]:
+        out = {"steps": float(self.step), "samples_seen": float(self.samples_seen), "wall_s": wall_s}
+        if total.steps:
+            out.update({f"final_{k}": v for k, v in self.last_metrics.items() if k.startswith("train/")})
+            out["samples_per_s"] = total.samples / wall_s
+            out["data_wait_share"] = total.wait_s / wall_s
+        return out
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's part of the train state besides DeepSpeed's: JSON, no pickle."""
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tag": f"step-{self.step:08d}",
+            "world_size": self.rank.world_size,
+            "loader": self.loader.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.loader.load_state_dict(state["loader"])
+
+    def save(self, folder: str) -> None:
+        """Write this rank's checkpoint part into the local ``folder`` (a collective: every rank calls)."""
+        state = self.state_dict()
+        self.engine.save_checkpoint(str(Path(folder) / DEEPSPEED_DIR), tag=state["tag"], client_state={"step": self.step})
+        (Path(folder) / rank_file(self.rank.rank)).write_text(json.dumps(state))
+        # the random state too (MAE masking noise, dropout): a resumed run continues the uninterrupted one exactly
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(Path(folder) / rng_file(self.rank.rank)))
+
+    def restore(self, folder: str) -> None:
+        """Load DeepSpeed state, step and loader position from a checkpoint folder (every rank calls)."""
+        path = Path(folder) / rank_file(self.rank.rank)
+        if not path.exists():
+            written = sorted(p.name for p in Path(folder).glob("rank-*.json"))
+            raise RuntimeError(
+                f"checkpoint {folder} has no state for rank {self.rank.rank} (it holds {written}); resume with "
+                f"parallel.num_workers equal to the number of ranks that wrote it"
+            )
+        state = json.loads(path.read_text())
+        load_path, _ = self.engine.load_checkpoint(str(Path(folder) / DEEPSPEED_DIR), tag=state["tag"])
+        if load_path is None:
+            raise RuntimeError(f"checkpoint {folder}: DeepSpeed found no state under tag {state['tag']}")
+        self.load_state_dict(state)
+        rng = load_file(str(Path(folder) / rng_file(self.rank.rank)))
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        log.info("resumed at step %d (epoch %d, batch %d of it)", self.step, self.loader.epoch, self.loader.step_in_epoch)
+
+    def save_and_report(self, extra: dict[str, float] | None = None) -> None:
+        """Save this rank's part into a temporary folder and hand it to ``report`` (which uploads it)."""
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as folder:
+            self.save(folder)
+            if self.report is not None:
+                self.report({"step": self.step, **self.last_metrics, **(extra or {})}, folder)
+
+    # --- export --------------------------------------------------------------------------------------------------------
+    def export(self, artifact_path: str) -> str | None:
+        """Consolidate the weights (ZeRO shards gathered), write a Hugging Face folder on rank 0, log it to MLflow
+        and register it. Every rank must call (the gathering is a collective)."""
+        state = full_state_dict(self.engine, rank=self.rank.rank)
+        version = None
+        if self.rank.is_main and self.tracker is not None:
+            model = self.engine.module
+            card = model_card(
+                task=self.task.name, run_name=self.s.run_name, run_id=self.tracker.run_id, step=self.step,
+                dataset=self.s.dataset, config=self.s.config, results=self.last_metrics,
+            )  # fmt: skip
+            with tempfile.TemporaryDirectory(prefix="export-") as folder:
+                files = {**self.task.export_files(), "README.md": card.encode()}
+                write_folder(folder, self.task.export_config(model), state, files)
+                version = self.tracker.export_model(
+                    folder, registered_model=self.s.tracking.registered_model, aliases=self.s.tracking.aliases,
+                    description=card, artifact_path=artifact_path,
+                )  # fmt: skip
+        distributed.barrier()
+        return version
+
+    def close(self) -> None:
+        self.last = None
+        if self.tracker is not None:
+            self.tracker.end()

@@ -1,0 +1,156 @@
+"""Ray Train glue: the function every worker runs, and the ``TorchTrainer`` that starts N of them.
+
+    result = launch(job)    # job: TrainJob, built by jobs/pretrain.py or jobs/finetune_tvp.py
+
+Ray. ``launch`` connects to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it), or starts a local Ray
+bounded to this machine. In Ray 2.60 Train V2 is the default: callbacks such as ``MLflowLoggerCallback`` are
+rejected, so MLflow is written from rank 0 inside the training function.
+
+Faults and resuming. Each checkpoint is reported with ``ray.train.report(checkpoint=...)`` to
+``<checkpoint.storage_path>/<run name>``; when a worker dies, ``FailureConfig(max_failures)`` restarts the whole
+group and every rank restores the latest checkpoint (``ray.train.get_checkpoint``). Launching again with the same
+run name and storage path makes Ray find the run's checkpoint snapshot and resume it, finished or crashed.
+
+Environment. Workers read S3 credentials and the MLflow address from their own environment: on a local Ray they
+inherit the launching process's; on a cluster they come from the nodes (Kubernetes secrets) or the job's
+runtime environment (``ray job submit --runtime-env-json '{"env_vars": {...}}'``). They are never put into the
+job's config, so never into params, logs or checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from tvlt_core import distributed
+from tvlt_core.tracking import DatasetInfo, RunTracker
+from tvlt_core.train.config import (
+    CheckpointConfig,
+    DataConfig,
+    OptimConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TrackingConfig,
+)
+from tvlt_core.train.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs, picklable (Ray ships it to every worker)."""
+
+    task: Task
+    data: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    checkpoint: CheckpointConfig
+    parallel: ParallelConfig
+    tracking: TrackingConfig
+    run_name: str
+    config: dict[str, Any] = field(default_factory=dict)  # resolved, secrets masked: MLflow params, model card
+    files: dict[str, bytes] = field(default_factory=dict)  # logged with a new run (config.yaml)
+    dataset: DatasetInfo | None = None
+    work_dir: str = "work"
+
+
+def _storage(path: str):
+    """(storage_path, pyarrow filesystem or None) for Ray's RunConfig. ``s3://`` goes through s3fs, so the
+    endpoint and credentials come from the same AWS_* environment as every other S3 access here."""
+    if not path.startswith("s3://"):
+        return os.path.abspath(path) if "://" not in path else path, None
+    import pyarrow.fs
+    import s3fs
+
+    return path[len("s3://") :], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(s3fs.S3FileSystem()))
+
+
+def _report(metrics: dict[str, Any], folder: str | None) -> None:
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+    ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, checkpoint=checkpoint)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The training function of one rank (``train_loop_per_worker``)."""
+    import ray.train
+
+    from tvlt_core.data.stream import StreamingLoader
+    from tvlt_core.train.engine import build_engine
+    from tvlt_core.train.loop import LoopSettings, Trainer
+
+    job: TrainJob = config["job"]
+    rank = distributed.current()  # Ray Train has set up the process group
+    distributed.setup_logging(rank.rank)
+    model = job.task.build_model()
+    loader = StreamingLoader(
+        job.data.manifest, job.task.batcher(model), batch_size=job.data.batch_size, rank=rank.rank,
+        world_size=rank.world_size, num_workers=job.data.num_workers, seed=job.data.seed,
+        shuffle_buffer=job.data.shuffle_buffer,
+    )  # fmt: skip
+    engine = build_engine(model, job.optim, job.parallel, job.data.batch_size, rank.world_size)
+    tracker = None
+    if rank.is_main:
+        tracker = RunTracker.start(
+            experiment=job.tracking.experiment, run_name=job.run_name, params=job.config, dataset=job.dataset,
+            system_metrics=job.tracking.system_metrics, work_dir=job.work_dir, files=job.files,
+        )  # fmt: skip
+    settings = LoopSettings(job.optim, job.schedule, job.checkpoint, job.tracking, job.run_name, job.config, job.dataset)
+    trainer = Trainer(engine, job.task, loader, settings, rank=rank, tracker=tracker, report=_report)
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                trainer.restore(folder)
+        log.info(
+            "%s: %d samples, %d steps per epoch per rank, %d ranks, training steps %d..%d",
+            job.run_name, loader.num_samples, loader.steps_per_epoch, rank.world_size, trainer.step, job.schedule.max_steps,
+        )  # fmt: skip
+        summary = trainer.train()
+        if rank.is_main:
+            log.info("summary:\n%s", "\n".join(f"  {k:<32} {v:.6g}" for k, v in summary.items()))
+    finally:
+        trainer.close()
+
+
+def _init_ray(parallel: ParallelConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()  # the cluster's address (ray job submit / ray start) decides resources
+        return
+    cpus = max(os.cpu_count() or 1, int(parallel.num_workers * parallel.cpus_per_worker + 0.999))
+    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=True)
+    log.info("started a local Ray with %d CPUs (set RAY_ADDRESS to use a cluster)", cpus)
+
+
+def launch(job: TrainJob):
+    """Run ``job`` on ``parallel.num_workers`` Ray Train workers; returns Ray's ``Result``."""
+    from ray.train import CheckpointConfig as RayCheckpointConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    p = job.parallel
+    _init_ray(p)
+    resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {})}
+    storage_path, filesystem = _storage(job.checkpoint.storage_path)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources,
+            placement_strategy=p.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=job.run_name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=RayCheckpointConfig(num_to_keep=job.checkpoint.keep),
+        ),
+    )  # fmt: skip
+    return trainer.fit()

@@ -1,0 +1,215 @@
+"""What differs between pretraining TVLT and fine-tuning TVP; everything else (engine, loop, checkpoints,
+tracking) is shared. A task is a small picklable object the job builds and Ray ships to every worker:
+
+    build_model()                  -> nn.Module, from scratch or ``init_from`` (folder, URL or models:/ URI)
+    batcher(model)                 -> the loader's per-task sample transform and collate
+    forward(model, batch, device)  -> (loss, {metric name: scalar tensor}, model output)
+    artifacts(model, batch, output)-> {file name: bytes}: pictures of what the model does, for MLflow
+    export_config(model), export_files() -> config.json dict and extra files of the Hugging Face folder
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from tvlt_core import metrics
+from tvlt_core.data.batches import TvltBatcher, TvpBatcher
+from tvlt_core.data.stream import Batcher
+from tvlt_core.models.tvlt import TvltConfig, TvltForPreTraining, patchify_audio, patchify_pixels
+from tvlt_core.models.tvp import TvpConfig, TvpForVideoGrounding
+from tvlt_core.text import TextTokenizer
+from tvlt_core.video import tvp_logits_to_seconds
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    name: str
+    init_from: str
+
+    def build_model(self) -> nn.Module: ...
+
+    def batcher(self, model: nn.Module) -> Batcher: ...
+
+    def forward(self, model: nn.Module, batch: dict[str, Any], device: torch.device, dtype: torch.dtype): ...
+
+    def artifacts(self, model: nn.Module, batch: dict[str, Any], output: Any) -> dict[str, bytes]: ...
+
+    def export_config(self, model: nn.Module) -> dict[str, Any]: ...
+
+    def export_files(self) -> dict[str, bytes]: ...
+
+
+def to_device(batch: dict[str, Any], names: list[str], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The model's tensor arguments on ``device``; floating point ones in the engine's ``dtype`` (bf16 or fp32)."""
+    out = {}
+    for name in names:
+        if name in batch:
+            t = batch[name].to(device, non_blocking=True)
+            out[name] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def png(array: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) or (H, W) -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --- TVLT: masked autoencoding + video-audio matching ---------------------------------------------------------------
+def unpatchify_pixels(patches: torch.Tensor, frames: int, size: int, patch: int) -> torch.Tensor:
+    """Inverse of ``patchify_pixels``: (B, T * (S/P)^2, P * P * C) -> (B, T, C, S, S)."""
+    b, g = patches.shape[0], size // patch
+    x = patches.reshape(b, frames, g, g, patch, patch, -1)
+    return torch.einsum("nthwpqc->ntchpwq", x).reshape(b, frames, -1, size, size)
+
+
+def unpatchify_audio(patches: torch.Tensor, time: int, patch: list[int], freq: int = 128) -> torch.Tensor:
+    """Inverse of ``patchify_audio``: (B, A/p0 * F/p1, p0 * p1) -> (B, 1, A, F)."""
+    b = patches.shape[0]
+    x = patches.reshape(b, time // patch[0], freq // patch[1], patch[0], patch[1], 1)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, 1, time, freq)
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Values in [-1, 1] -> uint8 [0, 255]."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+
+
+@dataclass
+class TvltPretrainTask:
+    model_config: TvltConfig = field(default_factory=TvltConfig)
+    init_from: str = ""
+    mismatch_prob: float = 0.5
+    name: str = "tvlt-pretrain"
+
+    def build_model(self) -> TvltForPreTraining:
+        if not self.init_from:
+            return TvltForPreTraining(self.model_config)
+        # heads missing from an encoder-only checkpoint start fresh; anything else must match by name
+        return TvltForPreTraining.from_pretrained(self.init_from, strict=False)
+
+    def batcher(self, model: TvltForPreTraining) -> TvltBatcher:
+        c = model.config
+        return TvltBatcher(
+            image_size=c.image_size, num_frames=c.num_frames, patch_size=c.image_patch_size[0],
+            max_audio_frames=c.spectrogram_length, matching=c.task_matching, mismatch_prob=self.mismatch_prob,
+        )  # fmt: skip
+
+    def forward(self, model, batch, device, dtype):
+        names = ["pixel_values", "audio_values", "pixel_mask", "audio_mask", "labels", "pixel_values_mixed", "pixel_mask_mixed"]
+        out = model(**to_device(batch, names, device, dtype))
+        parts = {"loss": out.loss}
+        for name in ("matching_loss", "pixel_loss", "audio_loss"):
+            if getattr(out, name, None) is not None:
+                parts[name] = getattr(out, name)
+        if getattr(out, "matching_logits", None) is not None:
+            predicted = (out.matching_logits.float().view(-1) > 0).float().cpu()
+            parts["matching_accuracy"] = (predicted == batch["labels"].view(-1)).float().mean()
+        return out.loss, parts, out
+
+    def artifacts(self, model, batch, output) -> dict[str, bytes]:
+        """Frames and spectrogram of the batch's first clip: original | masked | reconstructed, one row each."""
+        if getattr(output, "pixel_logits", None) is None:
+            return {}
+        c = model.config
+        pixels = batch["pixel_values"][:1].float()  # (1, T, C, S, S)
+        target = patchify_pixels(pixels, c.image_patch_size[0])
+        removed = output.pixel_label_masks[:1].detach().float().cpu()[..., None]  # (1, Np, 1), 1 = removed
+        predicted = output.pixel_logits[:1].detach().float().cpu()
+        shown = [target, target * (1 - removed), target * (1 - removed) + predicted * removed]  # removed: grey
+        t, size = pixels.shape[1], pixels.shape[-1]
+        rows = [unpatchify_pixels(x, t, size, c.image_patch_size[0])[0] for x in shown]  # 3 x (T, C, S, S)
+        grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (C, 3S, T*S)
+        files = {"frames.png": png(_to_uint8(grid).transpose(1, 2, 0))}
+
+        spectrogram = batch["audio_values"][:1].float()  # (1, 1, A, 128)
+        target = patchify_audio(spectrogram, c.audio_patch_size)
+        removed = output.audio_label_masks[:1].detach().float().cpu()[..., None]
+        predicted = output.audio_logits[:1].detach().float().cpu()
+        shown = [target, target * (1 - removed), target * (1 - removed) + predicted * removed]
+        time = spectrogram.shape[2]
+        rows = [unpatchify_audio(x, time, c.audio_patch_size)[0, 0].T.flip(0) for x in shown]  # low pitch at the bottom
+        files["spectrogram.png"] = png(_to_uint8(torch.cat(rows, dim=0)))  # (3 * 128, A)
+        return files
+
+    def export_config(self, model: TvltForPreTraining) -> dict[str, Any]:
+        return model.config.to_hf_dict(type(model).__name__)
+
+    def export_files(self) -> dict[str, bytes]:
+        return {}
+
+
+# --- TVP: temporal grounding -------------------------------------------------------------------------------------------
+@dataclass
+class TvpGroundingTask:
+    model_config: TvpConfig = field(default_factory=TvpConfig)
+    tokenizer_dir: str = ""  # folder with tokenizer.json / vocab.txt (the job fills it in)
+    max_text_length: int = 32
+    init_from: str = ""
+    name: str = "tvp-grounding"
+
+    def tokenizer(self) -> TextTokenizer:
+        return TextTokenizer.from_folder(self.tokenizer_dir, self.max_text_length)
+
+    def build_model(self) -> TvpForVideoGrounding:
+        if not self.init_from:
+            return TvpForVideoGrounding(self.model_config)
+        return TvpForVideoGrounding.from_pretrained(self.init_from)
+
+    def batcher(self, model: TvpForVideoGrounding) -> TvpBatcher:
+        tokenizer = self.tokenizer()
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer in {self.tokenizer_dir} has {tokenizer.vocab_size} tokens, the model's vocab_size is "
+                f"{model.config.vocab_size}: use the tokenizer saved with the checkpoint"
+            )
+        return TvpBatcher(tokenizer=tokenizer, image_size=model.config.max_img_size, num_frames=model.config.num_frames)
+
+    def forward(self, model, batch, device, dtype):
+        out = model(**to_device(batch, ["input_ids", "pixel_values", "attention_mask", "labels"], device, dtype))
+        labels = batch["labels"]
+        predicted = tvp_logits_to_seconds(out.logits.detach().float().cpu(), labels[:, 0])
+        scores = metrics.grounding_metrics(predicted, labels[:, 1:])
+        parts = {"loss": out.loss, "miou": torch.tensor(scores["mIoU"])}
+        for m in metrics.IOU_THRESHOLDS:
+            parts[f"r1_iou{m:g}"] = torch.tensor(scores[f"R@1,IoU={m:g}"])
+        return out.loss, parts, out
+
+    def artifacts(self, model, batch, output) -> dict[str, bytes]:
+        """Predicted vs true segments of the batch: a JSON list and a picture (true above, predicted below)."""
+        labels = batch["labels"]
+        predicted = tvp_logits_to_seconds(output.logits.detach().float().cpu(), labels[:, 0])
+        rows = [
+            {"key": k, "sentence": s, "duration": round(float(d), 3), "true": [round(float(a), 3), round(float(b), 3)],
+             "predicted": [round(float(p), 3), round(float(q), 3)]}
+            for k, s, (d, a, b), (p, q) in zip(batch["keys"], batch["sentences"], labels.tolist(), predicted.tolist())
+        ]  # fmt: skip
+        width, lane = 400, 14
+        picture = Image.new("RGB", (width, lane * 3 * len(rows) + 4), "white")
+        draw = ImageDraw.Draw(picture)
+        for i, r in enumerate(rows):
+            y = i * lane * 3 + 2
+            for j, (seg, colour) in enumerate(((r["true"], "green"), (r["predicted"], "blue"))):
+                a, b = (int(width * v / r["duration"]) for v in seg)
+                draw.rectangle([0, y + j * lane, width - 1, y + j * lane + lane - 3], outline="lightgrey")
+                draw.rectangle([min(a, b), y + j * lane, max(a, b), y + j * lane + lane - 3], fill=colour)
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG")
+        return {"segments.json": json.dumps(rows, indent=1).encode(), "segments.png": buf.getvalue()}
+
+    def export_config(self, model: TvpForVideoGrounding) -> dict[str, Any]:
+        return {**model.config.to_dict(), "architectures": [type(model).__name__]}
+
+    def export_files(self) -> dict[str, bytes]:
+        return self.tokenizer().files()
