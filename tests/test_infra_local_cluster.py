@@ -34,7 +34,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalCluster(tmp_path_factory.mktemp("local-cluster"), ports=Ports.free(), buckets=("raw", "shards"))
+    c = LocalCluster(tmp_path_factory.mktemp("local-cluster"), ports=Ports.free(), buckets=("raw", "shards"),
+                     artifacts="s3")
     try:
         c.up()
         yield c
@@ -118,6 +119,8 @@ def test_two_nodes_mlflow_and_s3_reach_a_submitted_job(cluster, tmp_path):
     assert params == {"nodes": "2", "ran_on": "2", "s3_text": "from moto"}
     assert Path(client.download_artifacts(run_id, "note.txt", str(tmp_path))).read_text() == \
         "artifact through the server"
+    assert [p for p in s3(cluster).find("mlflow/artifacts") if p.endswith(f"{run_id}/artifacts/note.txt")], \
+        "the server proxies artifacts to the S3 store"
 
     again = run([RAY, "job", "submit", "--submission-id", "infra-smoke", "--working-dir", str(tmp_path),
                  "--", "python", "check.py"], cluster)

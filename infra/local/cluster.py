@@ -42,8 +42,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -146,7 +145,10 @@ def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2
 class LocalCluster:
     """The four services of one work dir. ``up()`` returns the environment a client needs; ``down()`` stops all.
 
-    Use as a context manager in tests: everything started is stopped on the way out, also after a failure.
+    In tests, as a context manager: everything started is stopped on the way out, also after a failure.
+
+        with LocalCluster(tmp_path, ports=Ports.free(), buckets=("raw",)) as cluster:
+            subprocess.run([...], env={**os.environ, **cluster.env()})
     """
 
     def __init__(
@@ -384,13 +386,6 @@ def _tool(name: str) -> str:
     """A console script of this virtual environment, so the services run the project's pinned versions."""
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
-
-
-@contextmanager
-def local_cluster(work_dir: str | Path, **kwargs) -> Iterator[LocalCluster]:
-    """``with local_cluster(tmp_path, ports=Ports.free(), buckets=("raw",)) as c: ... c.env() ...``"""
-    with LocalCluster(work_dir, **kwargs) as cluster:
-        yield cluster
 
 
 # --- command line ---------------------------------------------------------------------------------------------------
