@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
+import fsspec
+import numpy as np
 import pytest
+import webdataset as wds
+
+from tvlt_core import shards
 
 from pipelines.synthetic import CorpusInfo, generate_corpus
 
@@ -56,3 +64,104 @@ def s3_endpoint():
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+# --- training: shards written straight from the contract, and a real MLflow tracking server -------------------------
+SENTENCES = ["the red circle moves left", "a blue square appears", "the green triangle turns yellow"]
+
+
+def write_shards(folder, counts, *, frames=4, size=32, mel_lengths=(24, 40), silent_every=0, corrupt=(), seed=0,
+                 grounding=False):
+    """Write a manifest and tar shards of synthetic samples (the shard contract) to a local folder or fsspec URL.
+
+    Pretraining: sample ``n`` (over all shards) gets mel length ``mel_lengths[n % len]``. Grounding: frames of
+    ``size`` x ``size * 3 // 4`` (longest edge first, unpadded, like the preprocessor) and two queries per video.
+    Returns the folder URL."""
+    url = str(folder).rstrip("/")
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    manifest = shards.Manifest(mode="grounding" if grounding else "pretrain", recipe={"test": True}, recipe_hash=shards.recipe_hash({"test": True}))
+    manifest.generations.append(shards.Generation(id=1, started="t0", finished="t1"))
+    n = 0
+    for s, count in enumerate(counts):
+        name = f"shard-{s:05d}.tar"
+        with fsspec.open(f"{url}/{name}", "wb") as f, wds.TarWriter(f) as sink:
+            for _ in range(count):
+                colour = rng.integers(0, 256, size=(frames, 1, 1, 3), dtype=np.uint8)
+                height = size * 3 // 4 if grounding else size
+                video = np.broadcast_to(colour, (frames, height, size, 3)).copy()
+                record = {"n": n, "start": 0.0, "end": 1.0}
+                if grounding:
+                    duration = 10.0 + n
+                    record.update(duration=duration, queries=[
+                        {"sentence": SENTENCES[(n + q) % 3], "start": 1.0 + q, "end": duration - 2.0 + q} for q in range(2)
+                    ])
+                    mel = None
+                elif silent_every and n % silent_every == 0:
+                    mel = None
+                else:
+                    mel = rng.uniform(-1, 1, (mel_lengths[n % len(mel_lengths)], 128))
+                sample = shards.encode_sample(shards.sample_key(f"file:///v{n}.mp4", 0), video, record, mel=mel)
+                if n in corrupt:
+                    sample[shards.frame_ext(0)] = b"not a jpeg"
+                sink.write(sample)
+                n += 1
+        manifest.shards.append(shards.ShardEntry(name=name, samples=count, bytes=fs.size(f"{root}/{name}"), generation=1))
+    with fsspec.open(shards.manifest_url(url), "w") as f:
+        f.write(manifest.to_json())
+    return url
+
+
+@pytest.fixture
+def grounding_sentences() -> list[str]:
+    """The query sentences ``write_shards(..., grounding=True)`` uses."""
+    return list(SENTENCES)
+
+
+@pytest.fixture
+def shard_writer():
+    """``write_shards(folder, counts, ...)``: tiny shards of the shard contract, written by the test itself."""
+    return write_shards
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts served by the server). Yields its URL."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    log = open(root / "server.log", "wb")
+    server = subprocess.Popen(
+        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker, started here
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()

@@ -6,16 +6,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import random
 from collections import Counter
 
 import numpy as np
-import fsspec
 import pytest
 import torch
-import webdataset as wds
-
-from tvlt_core import shards
 
 from tvlt_core.data import StreamingLoader, TvltBatcher, TvpBatcher
 from tvlt_core.data import plan
@@ -23,76 +18,18 @@ from tvlt_core.data import plan
 FRAMES, SIZE = 4, 32
 
 
-SENTENCES = ["the red circle moves left", "a blue square appears", "the green triangle turns yellow"]
-
-
-def write_shards(folder, counts, *, frames=FRAMES, size=SIZE, mel_lengths=(24, 40), silent_every=0, corrupt=(), seed=0,
-                 grounding=False):
-    """Write a manifest and tar shards of synthetic samples (the shard contract) to a local folder or fsspec URL.
-
-    Pretraining: sample ``n`` (over all shards) gets mel length ``mel_lengths[n % len]``. Grounding: frames of
-    ``size`` x ``size * 3 // 4`` (longest edge first, unpadded, like the preprocessor) and two queries per video.
-    Returns the folder URL."""
-    url = str(folder).rstrip("/")
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    manifest = shards.Manifest(mode="grounding" if grounding else "pretrain", recipe={"test": True}, recipe_hash=shards.recipe_hash({"test": True}))
-    manifest.generations.append(shards.Generation(id=1, started="t0", finished="t1"))
-    n = 0
-    for s, count in enumerate(counts):
-        name = f"shard-{s:05d}.tar"
-        with fsspec.open(f"{url}/{name}", "wb") as f, wds.TarWriter(f) as sink:
-            for _ in range(count):
-                colour = rng.integers(0, 256, size=(frames, 1, 1, 3), dtype=np.uint8)
-                height = size * 3 // 4 if grounding else size
-                video = np.broadcast_to(colour, (frames, height, size, 3)).copy()
-                record = {"n": n, "start": 0.0, "end": 1.0}
-                if grounding:
-                    duration = 10.0 + n
-                    record.update(duration=duration, queries=[
-                        {"sentence": SENTENCES[(n + q) % 3], "start": 1.0 + q, "end": duration - 2.0 + q} for q in range(2)
-                    ])
-                    mel = None
-                elif silent_every and n % silent_every == 0:
-                    mel = None
-                else:
-                    mel = rng.uniform(-1, 1, (mel_lengths[n % len(mel_lengths)], 128))
-                sample = shards.encode_sample(shards.sample_key(f"file:///v{n}.mp4", 0), video, record, mel=mel)
-                if n in corrupt:
-                    sample[shards.frame_ext(0)] = b"not a jpeg"
-                sink.write(sample)
-                n += 1
-        manifest.shards.append(shards.ShardEntry(name=name, samples=count, bytes=fs.size(f"{root}/{name}"), generation=1))
-    with fsspec.open(shards.manifest_url(url), "w") as f:
-        f.write(manifest.to_json())
-    return url
-
-
 @pytest.fixture
-def shard_writer():
-    return write_shards
-
-
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """A fresh bucket on moto's S3 server on loopback, reached through s3fs like a real endpoint."""
+def s3_bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket on the session's moto S3 server; s3fs finds it through the usual AWS_* environment."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem().mkdir("loader-test")
-        yield "s3://loader-test"
-        s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("loader-test")
+    yield "s3://loader-test"
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def make_batcher(**kw) -> TvltBatcher:
@@ -244,11 +181,11 @@ def test_shards_on_s3(shard_writer, s3_bucket):
     assert len(batches) == 1 and batches[0]["pixel_values"].shape[0] == 2
 
 
-def test_tvp_batches_tokenise_one_query_per_video(shard_writer, tmp_path):
+def test_tvp_batches_tokenise_one_query_per_video(shard_writer, grounding_sentences, tmp_path):
     from tvlt_core.text import TextTokenizer, build_vocab
 
     url = shard_writer(tmp_path / "g", counts=[3], frames=6, size=40, grounding=True)
-    tokenizer = TextTokenizer.from_vocab(build_vocab(SENTENCES, vocab_size=60), max_text_length=12)
+    tokenizer = TextTokenizer.from_vocab(build_vocab(grounding_sentences, vocab_size=60), max_text_length=12)
     batcher = TvpBatcher(tokenizer=tokenizer, image_size=32, num_frames=8)  # more frames than stored: repeated
     batch = run(StreamingLoader(url, batcher, batch_size=3, shuffle_buffer=1), 1)[0]
     assert batch["pixel_values"].shape == (3, 8, 3, 32, 32)
@@ -256,7 +193,7 @@ def test_tvp_batches_tokenise_one_query_per_video(shard_writer, tmp_path):
     labels = batch["labels"]
     assert labels.shape == (3, 3) and ((0 <= labels[:, 1]) & (labels[:, 1] < labels[:, 2]) & (labels[:, 2] <= labels[:, 0])).all()
     for i, sentence in enumerate(batch["sentences"]):
-        assert sentence in SENTENCES
+        assert sentence in grounding_sentences
         torch.testing.assert_close(batch["input_ids"][i], tokenizer([sentence])["input_ids"][0])
     assert (batch["pixel_values"][:, :, :, 0] == -1).all(), "40x30 frames are padded to square: top row is padding"
     assert (batch["pixel_values"][:, :, :, 16] != -1).any()

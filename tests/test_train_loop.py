@@ -11,7 +11,6 @@ import shutil
 import pytest
 import torch
 
-from test_loader import write_shards
 from tvlt_core import distributed
 from tvlt_core.data import StreamingLoader
 from tvlt_core.models.tvlt import TvltForPreTraining, tvlt_tiny
@@ -76,9 +75,9 @@ def one_rank():
     distributed.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("shards") / "s", counts=[5, 4], frames=4, size=32)
+@pytest.fixture
+def shards(shard_writer, tmp_path):
+    return shard_writer(tmp_path / "shards", counts=[5, 4], frames=4, size=32)
 
 
 def tiny_task() -> TvltPretrainTask:
@@ -110,7 +109,7 @@ def test_resume_from_a_checkpoint_continues_the_run_exactly(shards, one_rank, tm
     # ZeRO-3 on purpose: its parameter gathering must see through the models' dataclass outputs
     full = make_trainer(shards, one_rank, stage=3, max_steps=4, tracker=tracker, reports=reports, registered="loop-tvlt")
     summary = full.train()
-    assert summary["steps"] == 4 and summary["samples_seen"] == 4 * 2 * 2
+    assert full.step == 4 and summary["samples_seen"] == 4 * 2 * 2
     assert sorted(k for k in reports if k != "root") == [2, 4]
     reference = full_state_dict(full.engine, rank=0)
     full.close()

@@ -33,6 +33,7 @@ from tvlt_core.redaction import redact
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "tvlt.run_name"
+ATTEMPTS_TAG = "tvlt.attempts"  # 1 + restarts (worker failures, relaunches) of the job
 MODEL_ARTIFACT_PATH = "model"
 DEFAULT_WORK_DIR = "work"
 
@@ -124,9 +125,11 @@ class RunTracker:
             run_id = runs[0].info.run_id
             tracker = cls(client, run_id, cls._last_logged_step(client, run_id), work_dir)
             tracker._note_changed_params(runs[0].data.params, params)
-            log.info("MLflow: continuing run %s (%s) after step %d", run_name, run_id, tracker.last_step)
+            attempts = int(runs[0].data.tags.get(ATTEMPTS_TAG, "1")) + 1
+            client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
+            log.info("MLflow: continuing run %s (%s) after step %d, attempt %d", run_name, run_id, tracker.last_step, attempts)
         else:
-            run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+            run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, ATTEMPTS_TAG: "1"})
             run_id = run.info.run_id
             tracker = cls(client, run_id, 0, work_dir)
             tracker._log_params(params)
@@ -186,6 +189,9 @@ class RunTracker:
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
     def log_files(self, files: Mapping[str, bytes], artifact_path: str) -> None:
         """Write ``files`` (name -> bytes) as run artifacts under ``artifact_path``."""

@@ -224,11 +224,11 @@ class Trainer:
         self.tracker.log_files(files, f"samples/step-{self.step:08d}")
 
     def summary(self, total: _Window, wall_s: float) -> dict[str, float]:
-        out = {"steps": float(self.step), "samples_seen": float(self.samples_seen), "wall_s": wall_s}
+        """This attempt's totals (the last window's metrics are in ``last_metrics``)."""
+        out = {"samples_seen": float(self.samples_seen), "attempt_wall_s": wall_s}
         if total.steps:
-            out.update({f"final_{k}": v for k, v in self.last_metrics.items() if k.startswith("train/")})
-            out["samples_per_s"] = total.samples / wall_s
-            out["data_wait_share"] = total.wait_s / wall_s
+            out["attempt_samples_per_s"] = total.samples / wall_s
+            out["attempt_data_wait_share"] = total.wait_s / wall_s
         return out
 
     # --- checkpoints ---------------------------------------------------------------------------------------------------

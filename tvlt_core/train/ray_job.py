@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tvlt_core import distributed
-from tvlt_core.tracking import DatasetInfo, RunTracker
+from tvlt_core import distributed, shards
+from tvlt_core.redaction import redact
+from tvlt_core.tracking import DatasetInfo, RunTracker, tracking_uri
 from tvlt_core.train.config import (
     CheckpointConfig,
     DataConfig,
@@ -55,6 +57,40 @@ class TrainJob:
     files: dict[str, bytes] = field(default_factory=dict)  # logged with a new run (config.yaml)
     dataset: DatasetInfo | None = None
     work_dir: str = "work"
+    tracking_uri: str = ""  # resolved by launch() from the launching environment, so all ranks agree
+
+
+def default_run_name(prefix: str) -> str:
+    """A new run's name when none is given: ``PREFIX-YYYYmmdd-HHMMSS`` (pass it again to resume that run)."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_folder(storage_path: str, run_name: str) -> str:
+    """Where Ray Train keeps the run: ``<storage>/<run name>`` (checkpoints, the resolved config.yaml); local
+    paths are made absolute, since workers do not share the launcher's current directory."""
+    root = storage_path if "://" in storage_path else os.path.abspath(storage_path)
+    return f"{root.rstrip('/')}/{run_name}"
+
+
+def dataset_info(manifest_url: str) -> DatasetInfo:
+    """The shards' identity for MLflow: URL, generation, recipe hash, sample and shard counts."""
+    manifest = shards.load_manifest(manifest_url)
+    return DatasetInfo(manifest_url, manifest.generation, manifest.recipe_hash, manifest.num_samples, len(manifest.shards))
+
+
+def summary_table(job: TrainJob, metrics: dict[str, Any]) -> str:
+    """The closing summary of a job: what ran, where its outputs are, and the last metrics."""
+    tracked = redact(job.tracking_uri or tracking_uri(job.work_dir))
+    model = job.tracking.registered_model
+    rows = [
+        ("run", job.run_name),
+        ("checkpoints", redact(run_folder(job.checkpoint.storage_path, job.run_name))),
+        ("mlflow", f"{tracked} (experiment {job.tracking.experiment})"),
+        ("model", f"models:/{model}@latest" if model else "not registered (tracking.registered_model is empty)"),
+    ]
+    rows += [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
 def _storage(path: str):
@@ -86,6 +122,8 @@ def train_worker(config: dict[str, Any]) -> None:
     job: TrainJob = config["job"]
     rank = distributed.current()  # Ray Train has set up the process group
     distributed.setup_logging(rank.rank)
+    # the launcher's MLflow for everything in this worker, models:/ URIs of checkpoint.init_from included
+    os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     model = job.task.build_model()
     loader = StreamingLoader(
         job.data.manifest, job.task.batcher(model), batch_size=job.data.batch_size, rank=rank.rank,
@@ -106,6 +144,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 trainer.restore(folder)
+            if tracker is not None:
+                tracker.set_tag("tvlt.resumed_from_step", str(trainer.step))
         log.info(
             "%s: %d samples, %d steps per epoch per rank, %d ranks, training steps %d..%d",
             job.run_name, loader.num_samples, loader.steps_per_epoch, rank.world_size, trainer.step, job.schedule.max_steps,
@@ -137,6 +177,8 @@ def launch(job: TrainJob):
     from ray.train.torch import TorchTrainer
 
     p = job.parallel
+    job.work_dir = os.path.abspath(job.work_dir)  # workers do not share the driver's current directory
+    job.tracking_uri = job.tracking_uri or tracking_uri(job.work_dir)
     _init_ray(p)
     resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {})}
     storage_path, filesystem = _storage(job.checkpoint.storage_path)

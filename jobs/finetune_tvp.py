@@ -1,0 +1,147 @@
+"""TVP temporal-grounding fine-tuning (TDIoU loss) on N DeepSpeed ZeRO workers under Ray Train, tracked and
+registered in MLflow with its tokenizer.
+
+    python jobs/finetune_tvp.py --config tvp_tiny --data.manifest work/shards/grounding        # local Ray, 2 CPU workers
+    ray job submit --working-dir . -- python jobs/finetune_tvp.py --config jobs/configs/tvp_tiny.yaml
+    python jobs/finetune_tvp.py --config tvp_base --checkpoint.init_from /models/tvp-base --data.manifest s3://b/shards/g
+
+Tokenizer: ``--text.tokenizer DIR`` (tokenizer.json or vocab.txt), else the one in ``checkpoint.init_from`` (a
+Hugging Face folder or models:/ URI), else a WordPiece vocabulary built from the shards' query sentences (from
+scratch only). It is copied to ``<storage>/<run name>/tokenizer`` for the workers and saved with every export.
+Relaunching with the same ``--tracking.run_name`` resumes the run. Exit codes: 0 done, 1 failed, 2 bad config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import fsspec
+
+from jobs.cli import run
+from jobs.config import ConfigError, dump, parse, to_dict, write_resolved
+from tvlt_core import shards
+from tvlt_core.data.stream import read_shard
+from tvlt_core.models.tvp import TVP_PRESETS, TvpConfig
+from tvlt_core.text import TextTokenizer, build_vocab
+from tvlt_core.tracking import resolve_model_uri
+from tvlt_core.train.config import (
+    CheckpointConfig,
+    DataConfig,
+    OptimConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TrackingConfig,
+)
+from tvlt_core.train.ray_job import TrainJob, dataset_info, default_run_name, launch, run_folder, summary_table
+from tvlt_core.train.tasks import TvpGroundingTask
+
+log = logging.getLogger("finetune_tvp")
+
+
+@dataclass
+class TvpModelSection:
+    """Size preset and loss weights (sizes are ignored with ``checkpoint.init_from``: it brings its config)."""
+
+    preset: Literal["tiny", "base"] = "tiny"
+    distance_loss_weight: float = 1.0
+    duration_loss_weight: float = 0.1
+
+    def build(self, vocab_size: int) -> TvpConfig:
+        return TVP_PRESETS[self.preset](
+            distance_loss_weight=self.distance_loss_weight, duration_loss_weight=self.duration_loss_weight,
+            vocab_size=vocab_size,
+        )  # fmt: skip
+
+
+@dataclass
+class TextSection:
+    tokenizer: str = ""  # folder with tokenizer.json / vocab.txt; "" = the checkpoint's, or built from the shards
+    max_text_length: int = 32
+    vocab_size: int = 2000  # when building a vocabulary from the shards
+
+    def __post_init__(self):
+        if self.max_text_length < 2 or self.vocab_size < 10:
+            raise ValueError("text.max_text_length must be >= 2 and text.vocab_size >= 10")
+
+
+@dataclass
+class FinetuneConfig:
+    model: TvpModelSection = field(default_factory=TvpModelSection)
+    text: TextSection = field(default_factory=TextSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(
+        default_factory=lambda: TrackingConfig(experiment="tvp-grounding", registered_model="tvp-grounding")
+    )
+    work_dir: str = "work"
+
+    def __post_init__(self):
+        if not self.data.manifest:
+            raise ValueError(
+                "data.manifest: no shards given; make them with `python jobs/preprocess.py --mode grounding ...` "
+                "and pass --data.manifest FOLDER"
+            )
+
+
+def query_sentences(manifest_url: str) -> list[str]:
+    """Every query sentence in the shards (reads only the JSON records' bytes, decodes no image)."""
+    sentences = []
+    for url in shards.shard_urls(manifest_url):
+        for raw in read_shard(url):
+            sentences += [q["sentence"] for q in json.loads(raw[shards.JSON_EXT]).get("queries", [])]
+    return sentences
+
+
+def prepare_tokenizer(cfg: FinetuneConfig, folder: str) -> TextTokenizer:
+    """The run's tokenizer, saved to ``folder`` (kept from an earlier attempt of the same run, so a resumed run
+    tokenises exactly as before)."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    if fs.exists(f"{root}/tokenizer.json") or fs.exists(f"{root}/vocab.txt"):
+        return TextTokenizer.from_folder(folder, cfg.text.max_text_length)
+    source = cfg.text.tokenizer or cfg.checkpoint.init_from
+    if source.startswith("models:/"):
+        source = resolve_model_uri(source, cfg.work_dir)
+    if source:
+        tokenizer = TextTokenizer.from_folder(source, cfg.text.max_text_length)
+    else:
+        sentences = query_sentences(cfg.data.manifest)
+        if not sentences:
+            raise ConfigError(f"finetune_tvp: no query sentences in {cfg.data.manifest}; are these grounding shards?")
+        tokenizer = TextTokenizer.from_vocab(build_vocab(sentences, cfg.text.vocab_size), cfg.text.max_text_length)
+        log.info("built a %d-token vocabulary from %d query sentences", tokenizer.vocab_size, len(sentences))
+    tokenizer.save(folder)
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(FinetuneConfig, argv, prog="finetune_tvp", description=__doc__.split("\n\n")[0])
+    run_name = cfg.tracking.run_name or default_run_name("tvp-grounding")
+    try:
+        dataset = dataset_info(cfg.data.manifest)
+    except FileNotFoundError as e:
+        raise ConfigError(f"finetune_tvp: data.manifest {cfg.data.manifest}: no manifest.json there ({e})") from e
+    folder = run_folder(cfg.checkpoint.storage_path, run_name)
+    tokenizer = prepare_tokenizer(cfg, f"{folder}/tokenizer")
+    task = TvpGroundingTask(
+        model_config=cfg.model.build(vocab_size=tokenizer.vocab_size), tokenizer_dir=f"{folder}/tokenizer",
+        max_text_length=cfg.text.max_text_length, init_from=cfg.checkpoint.init_from,
+    )  # fmt: skip
+    job = TrainJob(
+        task=task, data=cfg.data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
+        parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=to_dict(cfg),
+        files={"config.yaml": dump(cfg).encode()}, dataset=dataset, work_dir=cfg.work_dir,
+    )  # fmt: skip
+    write_resolved(cfg, folder)
+    result = launch(job)
+    print(summary_table(job, result.metrics or {}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))

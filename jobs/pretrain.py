@@ -1,0 +1,109 @@
+"""TVLT pretraining (masked autoencoding of frames and spectrograms + video-audio matching) on N DeepSpeed ZeRO
+workers under Ray Train, tracked and registered in MLflow.
+
+    python jobs/pretrain.py --config tvlt_tiny --data.manifest work/shards/pretrain        # local Ray, 2 CPU workers
+    ray job submit --working-dir . -- python jobs/pretrain.py --config jobs/configs/tvlt_tiny.yaml
+    python jobs/pretrain.py --config tvlt_base --data.manifest s3://bucket/shards/pretrain --tracking.run_name exp1
+
+Relaunching with the same ``--tracking.run_name`` (and storage path) resumes that run from its latest checkpoint,
+whether it crashed or finished (raise ``--schedule.max_steps`` to train a finished run further); the MLflow run
+continues too. Settings: tvlt_core/train/config.py (``--optim.lr``, ``--parallel.zero_stage 3``, ...) and the
+model section below; presets in jobs/configs/tvlt_*.yaml. Exit codes: 0 done, 1 training failed, 2 bad config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jobs.cli import run
+from jobs.config import ConfigError, dump, parse, to_dict, write_resolved
+from tvlt_core.models.tvlt import TVLT_PRESETS, TvltConfig
+from tvlt_core.train.config import (
+    CheckpointConfig,
+    DataConfig,
+    OptimConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TrackingConfig,
+)
+from tvlt_core.train.ray_job import TrainJob, dataset_info, default_run_name, launch, run_folder, summary_table
+from tvlt_core.train.tasks import TvltPretrainTask
+
+log = logging.getLogger("pretrain")
+
+
+@dataclass
+class TvltModelSection:
+    """The model: a size preset and the pretraining objectives (ignored sizes when ``checkpoint.init_from`` is set:
+    a checkpoint brings its own config)."""
+
+    preset: Literal["tiny", "base"] = "tiny"
+    pixel_mask_ratio: float = 0.75
+    audio_mask_ratio: float = 0.15
+    audio_mask_type: Literal["frame-level", "patch-level"] = "frame-level"
+    task_matching: bool = True
+    task_mae: bool = True
+    mismatch_prob: float = 0.5  # share of clips shown with another clip's video for matching
+
+    def __post_init__(self):
+        if not (self.task_matching or self.task_mae):
+            raise ValueError("model.task_matching and model.task_mae are both false: nothing to train")
+        for name in ("pixel_mask_ratio", "audio_mask_ratio", "mismatch_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def build(self) -> TvltConfig:
+        return TVLT_PRESETS[self.preset](
+            pixel_mask_ratio=self.pixel_mask_ratio, audio_mask_ratio=self.audio_mask_ratio,
+            audio_mask_type=self.audio_mask_type, task_matching=self.task_matching, task_mae=self.task_mae,
+        )  # fmt: skip
+
+
+@dataclass
+class PretrainConfig:
+    model: TvltModelSection = field(default_factory=TvltModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(
+        default_factory=lambda: TrackingConfig(experiment="tvlt-pretrain", registered_model="tvlt-pretrain")
+    )
+    work_dir: str = "work"  # local MLflow (sqlite + artifacts) when MLFLOW_TRACKING_URI is unset
+
+    def __post_init__(self):
+        if not self.data.manifest:
+            raise ValueError(
+                "data.manifest: no shards given; make them with `python jobs/preprocess.py --mode pretrain "
+                "--input VIDEOS --output work/shards/pretrain` and pass --data.manifest work/shards/pretrain"
+            )
+        if self.model.task_matching and self.data.batch_size < 2:
+            raise ValueError("data.batch_size must be >= 2 for the matching task (negatives come from the batch)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(PretrainConfig, argv, prog="pretrain", description=__doc__.split("\n\n")[0])
+    run_name = cfg.tracking.run_name or default_run_name("tvlt-pretrain")
+    try:
+        dataset = dataset_info(cfg.data.manifest)
+    except FileNotFoundError as e:
+        raise ConfigError(f"pretrain: data.manifest {cfg.data.manifest}: no manifest.json there ({e})") from e
+    task = TvltPretrainTask(
+        model_config=cfg.model.build(), init_from=cfg.checkpoint.init_from, mismatch_prob=cfg.model.mismatch_prob
+    )
+    job = TrainJob(
+        task=task, data=cfg.data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
+        parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=to_dict(cfg),
+        files={"config.yaml": dump(cfg).encode()}, dataset=dataset, work_dir=cfg.work_dir,
+    )  # fmt: skip
+    write_resolved(cfg, run_folder(cfg.checkpoint.storage_path, run_name))
+    result = launch(job)
+    print(summary_table(job, result.metrics or {}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run(main))
