@@ -197,7 +197,11 @@ def submit_from_cron(args: argparse.Namespace) -> int:
 
     if not args.entrypoint:
         raise SystemExit("submit: give the job's command after --")
-    slot = datetime.fromisoformat(args.slot).astimezone(UTC) if args.slot else floor_slot(datetime.now(UTC), args.every)
+    if args.slot:
+        slot = datetime.fromisoformat(args.slot)
+        slot = slot.replace(tzinfo=UTC) if slot.tzinfo is None else slot.astimezone(UTC)  # no offset: UTC
+    else:
+        slot = floor_slot(datetime.now(UTC), args.every)
     client = JobSubmissionClient(args.address)
     sid, submitted = submit_slot(client, " ".join(args.entrypoint), slot, working_dir=args.working_dir,
                                  allow_overlap=args.allow_overlap)
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     k8s.add_argument("--allow-overlap", action="store_true", help="run even while an earlier slot still runs")
     ray = sub.add_parser("submit", help="from cron: submit the slot's job to a Ray cluster")
     ray.add_argument("--every", type=int, default=60, help="schedule period in minutes (the slot is now, floored)")
-    ray.add_argument("--slot", help="ISO time of the slot instead of now (re-running a missed slot)")
+    ray.add_argument("--slot", help="ISO time of the slot instead of now, UTC unless it has an offset")
     ray.add_argument("--address", default=None, help="Ray dashboard URL (default: RAY_API_SERVER_ADDRESS)")
     ray.add_argument("--working-dir", default=".", help="code shipped with the job ('' for the image's /app)")
     ray.add_argument("--wait", action="store_true", help="wait for the job; exit 1 unless it succeeds")
