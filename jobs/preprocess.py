@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 
 from jobs.cli import run
-from jobs.config import ConfigError, parse, write_resolved
+from jobs.config import RESOLVED_NAME, ConfigError, dump, parse
+from pipelines import writer
 from pipelines.config import PreprocessConfig
 from pipelines.preprocess import run as run_preprocess
 from pipelines.state import RecipeMismatch
@@ -38,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"preprocess: {e}") from e
     if result.plan_text:
         print(result.plan_text, flush=True)
-    else:
-        write_resolved(cfg, cfg.output)
+    else:  # the resolved config beside the shards, secrets masked (through the job's storage options)
+        url = f"{cfg.output.rstrip('/')}/{RESOLVED_NAME}"
+        writer.publish_text(url, dump(cfg), cfg.storage.options(url))
     for stats in result.stats:
         print(stats.table(), flush=True)
     if cfg.fail_on_quarantine and result.quarantined:

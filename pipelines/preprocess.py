@@ -30,7 +30,8 @@ from pipelines import annotations as ann
 from pipelines import state, writer
 from pipelines.config import PreprocessConfig, ResourceConfig
 from pipelines.sources import list_sources
-from pipelines.stages import DecodeStage, ProbeStage, StageSettings, encode_stage, log_mel_stage, write_stage
+from pipelines.stages import (DecodeStage, ProbeStage, StageSettings, encode_stage, initial_row, log_mel_stage,
+                              write_stage)
 from pipelines.stats import RunStats
 from tvlt_core import shards
 from tvlt_core.redaction import redact_text
@@ -340,8 +341,7 @@ class Job:
                                  storage=cfg.storage, recipe_hash=self.recipe_hash, work_url=out.work_url(gen.id),
                                  decode_timeout_s=cfg.resources.decode_timeout_s,
                                  clips_per_row=cfg.resources.clips_per_row, scratch_dir=cfg.resources.scratch_dir)
-        rows = [{**r, "order": i, "failure": "", "probe": "", "clips": "", "queries": r.get("queries", "[]")}
-                for i, r in enumerate(todo)]
+        rows = [initial_row(r, i) for i, r in enumerate(todo)]
         reasons: Counter = Counter()
 
         def start_shard(shard: _Shard) -> ray.ObjectRef:
@@ -371,6 +371,8 @@ class Job:
         dataset = build_dataset(rows, settings, cfg.resources)
         for result in dataset.iter_rows():
             packer.add(result)
+            for stage, seconds in json.loads(result["timing"]).items():
+                stats.stage_seconds[stage] = stats.stage_seconds.get(stage, 0.0) + seconds
             if not result["failure"]:
                 summary = json.loads(result["summary"])
                 stats.clips += summary["clips"]
@@ -378,6 +380,8 @@ class Job:
                     stats.video_seconds += summary["duration"]
         packer.finish()
         log.debug("Ray Data stage times:\n%s", dataset.stats())
+        log.info("seconds per stage, summed over workers: %s",
+                 ", ".join(f"{k} {v:.1f}" for k, v in sorted(stats.stage_seconds.items(), key=lambda kv: -kv[1])))
         stats.quarantined = reasons
 
 

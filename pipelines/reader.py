@@ -13,6 +13,7 @@ A file is opened once for all the segments of a video (the reader and the decode
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import av
@@ -36,10 +37,10 @@ class Rejected(Exception):
 
 
 # --------------------------------------------------------------------------------------------------------- probe
-def _open(uri: str, storage_options: dict):
+def _open(uri: str, storage_options: dict, stack: contextlib.ExitStack):
     if "://" in uri and not uri.startswith("file://"):
         # Range reads: the probe touches the index and the first packets, not the whole object.
-        return av.open(fsspec.open(uri, "rb", **storage_options).open(), metadata_errors="ignore")
+        return av.open(stack.enter_context(fsspec.open(uri, "rb", **storage_options)), metadata_errors="ignore")
     return av.open(uri, metadata_errors="ignore")
 
 
@@ -68,8 +69,13 @@ def probe(uri: str, storage_options: dict | None = None, want_audio: bool = True
     "audio_problem"}``: width/height as displayed (after rotation), ``audio`` None when there is no decodable audio.
     Raises ``Rejected`` for inputs that cannot become samples.
     """
+    with contextlib.ExitStack() as stack:
+        return _probe(uri, storage_options or {}, want_audio, stack)
+
+
+def _probe(uri: str, storage_options: dict, want_audio: bool, stack: contextlib.ExitStack) -> dict:
     try:
-        container = _open(uri, storage_options or {})
+        container = _open(uri, storage_options, stack)
     except FileNotFoundError as e:
         raise Rejected("unreadable", f"object not found ({e})") from None
     except PermissionError as e:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 
 import fsspec
@@ -33,6 +34,7 @@ from pipelines.sources import is_remote
 from tvlt_core import audio as tvlt_audio
 from tvlt_core import shards
 from tvlt_core import video as tvlt_video
+from tvlt_core.redaction import redact_text
 
 log = logging.getLogger(__name__)
 _NO_FRAMES = np.zeros((0, 1, 1, 1, 3), dtype=np.uint8)
@@ -56,9 +58,22 @@ class StageSettings:
     scratch_dir: str = ""
 
 
+def initial_row(plan_row: dict, order: int) -> dict:
+    """A plan row (``state.plan_rows``) as the graph's input: its position in the plan and empty stage columns."""
+    return {**plan_row, "order": order, "failure": "", "probe": "", "clips": "", "timing": "{}",
+            "queries": plan_row.get("queries", "[]")}
+
+
+def timed(row: dict, stage: str, seconds: float) -> dict:
+    """Add ``seconds`` spent in ``stage`` to the row's timing (summed by the driver: where the time goes)."""
+    timing = json.loads(row.get("timing") or "{}")
+    timing[stage] = round(timing.get(stage, 0.0) + seconds, 6)
+    return {**row, "timing": json.dumps(timing)}
+
+
 def failed(row: dict, stage: str, reason: str, error: str) -> dict:
     """The row of a source that gives no samples, with where and why."""
-    return {**row, "failure": json.dumps({"stage": stage, "reason": reason, "error": error[:2000]})}
+    return {**row, "failure": json.dumps({"stage": stage, "reason": reason, "error": redact_text(error)[:2000]})}
 
 
 def _segment_row(row: dict, seg: int, n_segs: int, frames=_NO_FRAMES, audio=_NO_AUDIO, bounds=_NO_BOUNDS,
@@ -85,6 +100,10 @@ class ProbeStage:
         self.sandbox = Sandbox("probe", timeout_s=settings.decode_timeout_s)
 
     def __call__(self, row: dict) -> dict:
+        start = time.perf_counter()
+        return timed(self._probe(row), "probe", time.perf_counter() - start)
+
+    def _probe(self, row: dict) -> dict:
         s = self.settings
         if row["failure"]:
             return row
@@ -145,19 +164,26 @@ class DecodeStage:
         info = json.loads(row["probe"])
         want_audio = s.mode == "pretrain" and info["audio"] is not None
         frames_per_clip = s.grounding.frames if s.mode == "grounding" else s.clips.frames
+        start = time.perf_counter()
         path, scratch = _local_copy(row["uri"], s.storage, s.scratch_dir)
+        row = timed(row, "download", time.perf_counter() - start)
         try:
             segs = clipping.segments(clips, s.clips_per_row)
             for k, seg in enumerate(segs):
                 try:
-                    out = self._decode(path, seg, frames_per_clip, want_audio)
+                    out, timing = self._decode(path, seg, frames_per_clip, want_audio)
                 except SandboxCrash as e:
                     yield _segment_row(failed(row, "decode", "decoder_crash", f"{e} ({e.attempts} attempts)"), -1, 0)
                     return
                 except SandboxError as e:
                     yield _segment_row(failed(row, "decode", e.reason or "undecodable_video", e.message), -1, 0)
                     return
-                yield self._row(row, k, len(segs), out)
+                seg_row = row if k == 0 else {**row, "timing": "{}"}  # source-level times count once
+                for stage, seconds in timing.items():
+                    seg_row = timed(seg_row, stage, seconds)
+                start = time.perf_counter()
+                seg_row = self._row(seg_row, k, len(segs), out)
+                yield timed(seg_row, "resize", time.perf_counter() - start)
         finally:
             try:
                 self.sandbox.call("release")
@@ -166,11 +192,15 @@ class DecodeStage:
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    def _decode(self, path: str, seg: list[clipping.Clip], frames_per_clip: int, want_audio: bool) -> dict:
+    def _decode(self, path: str, seg: list[clipping.Clip], frames_per_clip: int, want_audio: bool
+                ) -> tuple[dict, dict]:
         times = [clipping.frame_times(c, frames_per_clip).tolist() for c in seg]
+        start = time.perf_counter()
         out = self.sandbox.call_with_retry("decode_frames", path=path, times=times)
+        timing = {"decode_frames": time.perf_counter() - start}
         out.update(audio=None, audio_rate=0, audio_error="")
         if want_audio:
+            start = time.perf_counter()
             try:
                 sound = self.sandbox.call_with_retry("decode_audio_windows", path=path,
                                                      windows=[[c.start, c.end] for c in seg])
@@ -179,7 +209,8 @@ class DecodeStage:
                 if self.settings.audio.missing == "quarantine":
                     raise SandboxError(e.type_name, f"audio track: {e.message}", "undecodable_audio") from None
                 out["audio"], out["audio_error"] = None, e.message
-        return out
+            timing["decode_audio"] = time.perf_counter() - start
+        return out, timing
 
     def _row(self, row: dict, k: int, n_segs: int, out: dict) -> dict:
         s = self.settings
@@ -205,6 +236,11 @@ def _min_samples(rate: int) -> int:
 def log_mel_stage(row: dict, settings: StageSettings) -> dict:
     """Per clip: the normalised TVLT log-mel (float16, concatenated over the segment's clips, ``mel_bounds`` marks
     where each clip's frames start); a clip without (enough) audio gets no spectrogram, its bound repeats."""
+    start = time.perf_counter()
+    return timed(_log_mel(row, settings), "log_mel", time.perf_counter() - start)
+
+
+def _log_mel(row: dict, settings: StageSettings) -> dict:
     if row["failure"] or settings.mode != "pretrain":
         return {**row, "mel": np.zeros((0, tvlt_audio.NUM_MEL_BINS), np.float16), "mel_bounds": _NO_BOUNDS}
     rate = json.loads(row["decoded"])["audio_rate"]
@@ -240,7 +276,12 @@ def encode_stage(row: dict, settings: StageSettings) -> dict:
 
     Clips without audio are kept (no mel.npy, ``audio_present`` false) when ``audio.missing`` is "silent" and
     dropped otherwise; the array columns are dropped here, so only bytes and metadata go on."""
-    base = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure")}
+    start = time.perf_counter()
+    return timed(_encode(row, settings), "encode", time.perf_counter() - start)
+
+
+def _encode(row: dict, settings: StageSettings) -> dict:
+    base = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure", "timing")}
     if row["failure"]:
         return {**base, "part": b"", "summary": ""}
     clips = [clipping.Clip(*c) for c in json.loads(row["clips"])]
@@ -266,9 +307,10 @@ def encode_stage(row: dict, settings: StageSettings) -> dict:
 
 def write_stage(row: dict, settings: StageSettings) -> dict:
     """Write the segment's tar to the generation's work folder under a name fixed by (source, segment)."""
-    out = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure", "summary")}
+    start = time.perf_counter()
+    out = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure", "summary", "timing")}
     out["part_url"], out["part_bytes"] = "", len(row["part"])
     if row["part"]:
         out["part_url"] = writer.part_url(settings.work_url, row["sid"], row["seg"])
         writer.publish(out["part_url"], row["part"], settings.storage.options(out["part_url"]))
-    return out
+    return timed(out, "write", time.perf_counter() - start)

@@ -27,6 +27,7 @@ class RunStats:
     rewritten_shards: int = 0
     video_seconds: float = 0.0
     quarantined: Counter = field(default_factory=Counter)  # reason -> count
+    stage_seconds: dict = field(default_factory=dict)  # stage -> seconds summed over workers
     wall_s: float = 0.0
     startup_s: float = 0.0  # Ray start-up and plan, before the first source is read
     attempt: int = 1
@@ -42,6 +43,7 @@ class RunStats:
     def to_json(self) -> dict:
         data = asdict(self)
         data["quarantined"] = dict(sorted(self.quarantined.items()))
+        data["stage_seconds"] = {k: round(v, 3) for k, v in sorted(self.stage_seconds.items())}
         data.update(videos_per_s=round(self.videos_per_s, 3), video_s_per_s=round(self.video_s_per_s, 2))
         return data
 
@@ -65,5 +67,8 @@ class RunStats:
             ("videos/s", f"{self.videos_per_s:.2f}"),
             ("video s per s", f"{self.video_s_per_s:.1f} ({self.video_seconds:.1f} s of video)"),
         ]
+        if self.stage_seconds:
+            busiest = sorted(self.stage_seconds.items(), key=lambda kv: -kv[1])
+            rows.append(("stage seconds", ", ".join(f"{k} {v:.1f}" for k, v in busiest)))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -109,8 +109,8 @@ def list_files(url: str, storage_options: dict) -> list[str]:
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     if not fs.exists(path):
         return []
-    return [url.rstrip("/") + "/" + os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)
-            if fs.isfile(p)]
+    return [url.rstrip("/") + "/" + os.path.basename(info["name"].rstrip("/")) for info in fs.ls(path, detail=True)
+            if info.get("type") == "file"]
 
 
 def concatenate(part_urls: list[str], shard_url: str, storage_options: dict, drop_prefixes: tuple[str, ...] = ()

@@ -17,8 +17,10 @@ from jobs.config import ConfigError, parse
 from jobs.preprocess import main
 from pipelines import clips, state, writer
 from pipelines.config import MAX_CLIP_S, PreprocessConfig, SourceConfig, StorageConfig
+from pipelines.config import AudioConfig, ClipConfig, GroundingConfig
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
 from pipelines.sources import list_sources
+from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
 from tvlt_core import shards
 
 
@@ -150,6 +152,37 @@ def test_a_hung_decoder_is_killed_at_the_timeout(synthetic_corpus):
         assert sandbox.pid is None
     finally:
         sandbox.close()
+
+
+def test_the_decode_stage_survives_decoder_crashes_retrying_once_then_quarantining(synthetic_corpus, tmp_path):
+    videos = [str(synthetic_corpus.path(v)) for v in synthetic_corpus.of_kind("pretrain")[:3]]
+    crash_once, crash_always, fine = videos
+    settings = StageSettings(mode="pretrain", clips=ClipConfig(length_s=2.0, stride_s=2.0, min_length_s=0.5),
+                             grounding=GroundingConfig(), audio=AudioConfig(), storage=StorageConfig(),
+                             recipe_hash="r", work_url=str(tmp_path), decode_timeout_s=120, clips_per_row=16)
+    probe, decode = ProbeStage(settings), DecodeStage(settings)
+    listed = list_sources(str(synthetic_corpus.root / "pretrain" / "pt_0000[012].mp4"), SourceConfig(), StorageConfig())
+    rows = {row["uri"]: probe(initial_row(row, i)) for i, row in enumerate(state.plan_rows(listed))}
+    killers = [Killer(crash_once, times=1), Killer(crash_always, times=1000)]
+    for killer in killers:
+        killer.start()
+    try:
+        out = {uri: list(decode(row)) for uri, row in rows.items()}  # the stage itself never raises
+    finally:
+        for killer in killers:
+            killer.stop()
+    assert killers[0].kills == 1 and killers[1].kills >= 2
+    (failure,) = out[crash_always]
+    record = json.loads(failure["failure"])
+    assert (record["stage"], record["reason"]) == ("decode", "decoder_crash")
+    assert "SIGSEGV" in record["error"] and "2 attempts" in record["error"]
+    again = list(decode(rows[crash_once]))  # nothing lost: the retried input decodes exactly as an undisturbed one
+    for segments in (out[crash_once], out[fine]):
+        assert segments and not any(r["failure"] for r in segments)
+    assert [r["frames"].tobytes() for r in out[crash_once]] == [r["frames"].tobytes() for r in again]
+    assert np.array_equal(out[crash_once][0]["audio"], again[0]["audio"])
+    decode.sandbox.close()
+    probe.sandbox.close()
 
 
 # ----------------------------------------------------------------------------------------------- shard writing
