@@ -40,7 +40,9 @@ log = logging.getLogger("schedule")
 PREFIX = "preprocess"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 SLOT_ANNOTATION = "tvlt.io/schedule-slot"
-RAYJOB_DONE = {"Complete", "Failed"}  # RayJob status.jobDeploymentStatus values of a finished RayJob
+# RayJob status.jobDeploymentStatus of a RayJob still at work ("" = not yet seen by the operator). Failed,
+# ValidationFailed and Suspended ones do not hold up later slots; activeDeadlineSeconds ends a stuck one.
+RAYJOB_ACTIVE = {"", "Initializing", "Running", "Retrying", "Waiting", "Suspending"}
 RAY_JOB_DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -119,7 +121,7 @@ class InCluster:
         if status != 200:
             raise RuntimeError(f"listing RayJobs: HTTP {status} {body.get('message', '')}")
         return [item["metadata"]["name"] for item in body.get("items", [])
-                if item.get("status", {}).get("jobDeploymentStatus") not in RAYJOB_DONE]
+                if item.get("status", {}).get("jobDeploymentStatus", "") in RAYJOB_ACTIVE]
 
     def create_rayjob(self, rayjob: dict) -> bool:
         """True when created, False when a RayJob of that name exists (this slot was submitted already)."""
