@@ -1,4 +1,6 @@
-"""Temporal grounding metrics, vectorised over a batch: temporal IoU, R@1 at IoU thresholds, mIoU.
+"""Evaluation metrics, vectorised: temporal grounding (TVP) and video-audio matching and retrieval (TVLT).
+
+Grounding: temporal IoU, R@1 at IoU thresholds, mIoU.
 
 Segments are (start, end) pairs in any one unit (seconds or fractions of the duration), shape (N, 2).
 With one prediction per query (TVP predicts exactly one segment), R@1 at IoU m is the fraction of queries whose
@@ -6,6 +8,9 @@ prediction has IoU >= m with the ground truth; mIoU is the mean IoU.
 
 A prediction with end < start has IoU 0: its intersection ``min(ends) - max(starts)`` is negative, like that of
 two disjoint segments. Ground-truth segments must have end >= start.
+
+Matching and retrieval (TVLT): accuracy of matching logits at 0, ROC-AUC of matching scores, and audio-to-video
+recall at k over score matrices, each with the value a scorer without information would get (chance).
 """
 
 from __future__ import annotations
@@ -51,3 +56,62 @@ def grounding_metrics(
     metrics = {f"R@1,IoU={m:g}": float(r) for m, r in zip(thresholds, recalls)}
     metrics["mIoU"] = float(iou.mean())
     return metrics
+
+
+# --- matching and retrieval (TVLT) ----------------------------------------------------------------------------------
+RECALL_KS = (1, 5, 10)
+
+
+def matching_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of (N,) matching logits on the right side of 0 for (N,) labels in {0, 1} (1 = the pair matches)."""
+    logits, labels = torch.as_tensor(logits).reshape(-1), torch.as_tensor(labels).reshape(-1)
+    if logits.shape != labels.shape or logits.numel() == 0:
+        raise ValueError(f"expected as many logits as labels, at least one, got {logits.numel()} and {labels.numel()}")
+    return float(((logits > 0) == (labels > 0.5)).double().mean())
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of (N,) scores for (N,) labels in {0, 1}: the probability that a random positive
+    scores above a random negative, ties counting one half (the Mann-Whitney U statistic, from average ranks).
+    0.5 is chance; raises ValueError without at least one positive and one negative."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    positive = torch.as_tensor(labels).reshape(-1) > 0.5
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if scores.shape != positive.shape or n_pos == 0 or n_neg == 0:
+        raise ValueError(f"roc_auc needs one label per score and both classes, got {n_pos} positive, {n_neg} negative")
+    values, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    # average 1-based rank of each distinct value: tied scores share the mean of the ranks they span
+    first = torch.cumsum(counts, 0) - counts + 1
+    ranks = (first + (counts - 1) / 2.0)[inverse]
+    u = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(Q, G) scores of Q queries against G candidates and (Q,) index of each query's true candidate -> (Q,) 0-based
+    rank of the true candidate. Ties count against it: a candidate scoring exactly the same ranks ahead, so a
+    scorer that gives every candidate the same score never gets credit."""
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    targets = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+    if scores.dim() != 2 or targets.shape[0] != scores.shape[0]:
+        raise ValueError(f"expected (Q, G) scores and (Q,) targets, got {tuple(scores.shape)} and {tuple(targets.shape)}")
+    true = scores.gather(1, targets[:, None])
+    others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, targets[:, None], False)
+    return ((scores >= true) & others).sum(dim=1)
+
+
+def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
+    """(Q,) 0-based ranks of the true candidates -> {k: share of queries ranked within the top k}."""
+    ranks = torch.as_tensor(ranks).reshape(-1)
+    if ranks.numel() == 0:
+        raise ValueError("recall_at_k needs at least one query")
+    return {k: float((ranks < k).double().mean()) for k in ks}
+
+
+def chance_recall_at_k(gallery_sizes: Sequence[int], ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
+    """Expected R@k of a random ranking: a query among G candidates has min(k, G) / G, averaged over the queries
+    (``gallery_sizes`` holds each query's G)."""
+    sizes = torch.as_tensor(list(gallery_sizes), dtype=torch.float64)
+    if sizes.numel() == 0 or bool((sizes < 1).any()):
+        raise ValueError("chance_recall_at_k needs at least one query, each with a gallery of at least 1")
+    return {k: float((sizes.clamp(max=k) / sizes).mean()) for k in ks}
