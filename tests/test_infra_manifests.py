@@ -61,8 +61,6 @@ SECRETS = {
 }
 SENSITIVE = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|CREDENTIAL|_URI$", re.IGNORECASE)
 NOT_SENSITIVE = {"MLFLOW_TRACKING_URI", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME"}
-# Jobs the issues name but that have not landed yet; remove an entry when its job lands.
-PENDING = {"jobs/evaluate.py"}
 SLOT = datetime(2025, 1, 31, 12, 0, tzinfo=UTC)
 
 
@@ -340,9 +338,6 @@ def job_args(command: str) -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("label,command", entrypoints(), ids=[label for label, _ in entrypoints()])
 def test_every_entrypoint_names_an_existing_job_and_preset_and_parses(label, command, capsys):
-    script = str(repo_path(shlex.split(command)[1]).relative_to(ROOT))
-    if script in PENDING and not (ROOT / script).exists():
-        pytest.skip(f"{script} has not landed yet")
     assert not entrypoint_problems(command), entrypoint_problems(command)
     module, argv = job_args(command)
     with pytest.raises(SystemExit) as exit_:
@@ -408,8 +403,8 @@ def test_image_tags_agree_everywhere():
 
 
 # --- resources against the jobs' configs ----------------------------------------------------------------------------
-def training_config(command: str):
-    """The config a training command runs with, through the job's own config class and jobs.config.parse."""
+def job_config(command: str):
+    """The config a job command runs with, through the job's own config class and jobs.config.parse."""
     from jobs.config import parse
 
     module, argv = job_args(command)
@@ -417,6 +412,13 @@ def training_config(command: str):
     (cls,) = {v for v in vars(mod).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
               and v.__module__ == module and "parallel" in {f.name for f in dataclasses.fields(v)}}
     return parse(cls, argv, prog=module)
+
+
+def demand(parallel) -> tuple[int, float, float]:
+    """(Ray workers, CPUs and GPUs each) of a job's ``parallel`` section: Ray Train workers or evaluation actors."""
+    if hasattr(parallel, "num_workers"):
+        return parallel.num_workers, parallel.cpus_per_worker, parallel.gpus_per_worker if parallel.use_gpu else 0
+    return parallel.actors, parallel.cpus_per_actor, parallel.gpus_per_actor
 
 
 def workers_per_pod(container: dict, cpus: float, gpus: float) -> int:
@@ -427,29 +429,31 @@ def workers_per_pod(container: dict, cpus: float, gpus: float) -> int:
     return min(fit)
 
 
-TRAINING = [(label, d) for label, d in of_kind("RayJob") if re.search(r"/jobs/(pretrain|finetune_tvp)\.py",
-                                                                        d["spec"]["entrypoint"])]
+GPU_JOBS = [(label, d) for label, d in of_kind("RayJob")
+            if re.search(r"/jobs/(pretrain|finetune_tvp|evaluate)\.py", d["spec"]["entrypoint"])]
 
 
-@pytest.mark.parametrize("label,doc", TRAINING, ids=[label for label, _ in TRAINING])
-def test_training_pods_hold_the_scaling_config_exactly(label, doc):
+@pytest.mark.parametrize("label,doc", GPU_JOBS, ids=[label for label, _ in GPU_JOBS])
+def test_gpu_pods_hold_the_jobs_ray_workers_exactly(label, doc):
     script = shlex.split(doc["spec"]["entrypoint"])[1]
     if not repo_path(script).exists():
         pytest.fail(f"{script} named by {label} does not exist")
-    parallel = training_config(doc["spec"]["entrypoint"]).parallel
-    assert parallel.use_gpu, f"{label} runs on GPU pods, but its config trains on CPU"
+    workers, cpus, gpus = demand(job_config(doc["spec"]["entrypoint"]).parallel)
+    assert workers >= 1 and gpus > 0, f"{label} runs GPU pods, but its config puts the work on CPUs or the driver"
     (group,) = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    per_pod = workers_per_pod(group["template"]["spec"]["containers"][0], parallel.cpus_per_worker,
-                              parallel.gpus_per_worker)
-    assert per_pod >= 1, f"{label}: one training worker does not fit a pod"
+    container = group["template"]["spec"]["containers"][0]
+    per_pod = workers_per_pod(container, cpus, gpus)
+    assert per_pod >= 1, f"{label}: one worker does not fit a pod"
     # Enough pods for every worker, and not one more: a spare GPU pod would idle for the whole run.
-    assert group["replicas"] == group["maxReplicas"] == math.ceil(parallel.num_workers / per_pod), label
+    assert group["replicas"] == group["maxReplicas"] == math.ceil(workers / per_pod), label
+    pod_gpus = quantity(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert per_pod * gpus == pod_gpus, f"{label}: the CPUs per worker leave {pod_gpus - per_pod * gpus} GPU(s) idle"
 
 
 def test_standing_clusters_can_run_the_base_training_configs():
-    needs = [training_config(d["spec"]["entrypoint"]).parallel for _, d in TRAINING]
-    if not needs:
-        pytest.skip("no training job has landed yet")
+    needs = [job_config(d["spec"]["entrypoint"]).parallel for _, d in GPU_JOBS
+             if "evaluate.py" not in d["spec"]["entrypoint"]]
+    assert len(needs) == 2, "pretraining and fine-tuning RayJobs"
     (_, cluster), = of_kind("RayCluster")
     (gpu,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
     vm = yaml.safe_load(VM_CLUSTER.read_text())["available_node_types"]["gpu"]
