@@ -542,3 +542,14 @@ def test_rendered_rayjob_names_the_slot_and_runs_the_schedulers_image(kuberay_sc
     assert {c["image"] for g in ray_groups(rendered) for c in g["template"]["spec"]["containers"]} == \
         {"registry.example/tvlt-pipeline:9"}
     assert jsonschema.Draft7Validator(strict(kuberay_schema["RayJob"])).is_valid(rendered)
+
+
+def test_vm_secret_exports_survive_the_shell():
+    from infra.vm.secret_env import exports
+
+    secret = {"RAY_AUTH_TOKEN": "a'b \"c\" $HOME `id` ;x", "MLFLOW_TRACKING_PASSWORD": "p w\nline2"}
+    out = subprocess.run(["bash", "-c", 'eval "$(cat)"; printf "%s\\0%s" "$RAY_AUTH_TOKEN" "$MLFLOW_TRACKING_PASSWORD"'],
+                         input=exports(secret), capture_output=True, text=True, check=True).stdout
+    assert out.split("\0") == [secret["RAY_AUTH_TOKEN"], secret["MLFLOW_TRACKING_PASSWORD"]]
+    with pytest.raises(ValueError):
+        exports({"not-a-name": "x"})
