@@ -548,8 +548,9 @@ def test_vm_secret_exports_survive_the_shell():
     from infra.vm.secret_env import exports
 
     secret = {"RAY_AUTH_TOKEN": "a'b \"c\" $HOME `id` ;x", "MLFLOW_TRACKING_PASSWORD": "p w\nline2"}
-    out = subprocess.run(["bash", "-c", 'eval "$(cat)"; printf "%s\\0%s" "$RAY_AUTH_TOKEN" "$MLFLOW_TRACKING_PASSWORD"'],
-                         input=exports(secret), capture_output=True, text=True, check=True).stdout
+    script = 'eval "$(cat)"; printf "%s\\0%s" "$RAY_AUTH_TOKEN" "$MLFLOW_TRACKING_PASSWORD"'
+    out = subprocess.run(["bash", "-c", script], input=exports(secret), capture_output=True, text=True,
+                         check=True).stdout
     assert out.split("\0") == [secret["RAY_AUTH_TOKEN"], secret["MLFLOW_TRACKING_PASSWORD"]]
     with pytest.raises(ValueError):
         exports({"not-a-name": "x"})
