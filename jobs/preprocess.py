@@ -23,6 +23,7 @@ from jobs.config import RESOLVED_NAME, ConfigError, dump, parse
 from pipelines import writer
 from pipelines.config import PreprocessConfig
 from pipelines.preprocess import run as run_preprocess
+from pipelines.sources import InputNotFound
 from pipelines.state import RecipeMismatch
 
 log = logging.getLogger("preprocess")
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse(PreprocessConfig, argv, prog="preprocess", description=__doc__.split("\n\n")[0])
     try:
         result = run_preprocess(cfg)
-    except RecipeMismatch as e:
+    except (RecipeMismatch, InputNotFound) as e:
         raise ConfigError(f"preprocess: {e}") from e
     if result.plan_text:
         print(result.plan_text, flush=True)

@@ -6,7 +6,8 @@ Driver, in order:
     1. list the input, load manifest.json, and plan: resume the unfinished generation, or plan a new one with the
        new and changed sources (nothing new: say so and stop); ``--dry-run`` stops here
     2. rewrite older shards that hold samples of changed sources (``state`` explains why)
-    3. stream the plan through the Ray Data graph (``stages``): probe -> decode -> log-mel -> encode -> write
+    3. stream the plan through the Ray Data graph (``stages``): probe -> decode -> resize -> log-mel -> encode ->
+       write, one small result row per segment back to the driver
     4. as sources finish, pack them in plan order into shards of about ``shards.target_bytes``; a Ray task
        concatenates a shard's spooled parts, and the driver commits shards in order (manifest.json rewritten)
     5. close the generation, write stats.json, delete the work folder, return the summary
@@ -30,8 +31,7 @@ from pipelines import annotations as ann
 from pipelines import state, writer
 from pipelines.config import PreprocessConfig, ResourceConfig
 from pipelines.sources import list_sources
-from pipelines.stages import (DecodeStage, ProbeStage, StageSettings, encode_stage, initial_row, log_mel_stage,
-                              write_stage)
+from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
 from pipelines.stats import RunStats
 from tvlt_core import shards
 from tvlt_core.redaction import redact_text
@@ -64,30 +64,24 @@ def ensure_ray(res: ResourceConfig) -> bool:
 
 
 def decoder_count(res: ResourceConfig) -> int:
-    """Decoders the cluster holds: most of its CPUs (the light stages need the rest), or ``res.decoders``."""
+    """Decoders the cluster holds beside the probe actor, or ``res.decoders``."""
     if res.decoders:
         return res.decoders
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, math.floor(cpus * 0.85 / res.decode_cpus))
+    return max(1, math.floor((cpus - res.probe_cpus) / res.decode_cpus))
 
 
 def build_dataset(rows: list[dict], settings: StageSettings, res: ResourceConfig) -> ray.data.Dataset:
-    """The graph. Probe and decode are actor pools (each actor keeps a sandboxed decoder child); the light stages
-    are tasks, which Ray Data fuses into one operator."""
+    """The graph: rows per source -> ProbeStage actors -> DecodeStage actors (decode, resize, log-mel, encode and
+    write per segment; ``stages`` says why those run in the decoder) -> one small result row per segment."""
     decoders = decoder_count(res)
     blocks = max(1, math.ceil(len(rows) / res.sources_per_block))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map(ProbeStage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.light_cpus,
+    ds = ds.map(ProbeStage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.probe_cpus,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, decoders // 8)))
-    ds = ds.flat_map(DecodeStage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.decode_cpus,
-                     memory=int(res.decode_memory_gib * GiB),
-                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders))
-    # Few light tasks at a time: each is ~10% of a decode, and every extra worker process costs a torch import.
-    light = ray.data.TaskPoolStrategy(size=max(1, math.ceil(decoders / 4)))
-    for stage in (log_mel_stage, encode_stage, write_stage):
-        ds = ds.map(stage, fn_kwargs={"settings": settings}, num_cpus=res.light_cpus, compute=light,
-                    memory=int(res.light_memory_gib * GiB))
-    return ds
+    return ds.flat_map(DecodeStage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.decode_cpus,
+                       memory=int(res.decode_memory_gib * GiB),
+                       compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, initial_size=decoders))
 
 
 @ray.remote(num_cpus=0)
@@ -143,6 +137,8 @@ class Packer:
 
     def add(self, result: dict) -> None:
         src = self.sources[result["order"]]
+        log.debug("result: source %d segment %d%s", result["order"], result["seg"],
+                  " (failed)" if result["failure"] else "")
         if result["failure"]:
             src.failure = json.loads(result["failure"])
         else:
@@ -301,7 +297,7 @@ class Job:
                  f" ({stats.skipped} already committed)" if stats.skipped else "")
         stats.startup_s = time.perf_counter() - t0
         if todo:
-            self.process(manifest, gen, plan, todo, stats)
+            self.process(manifest, gen, plan, todo, stats, t0)
         gen.finished = state.now()
         out.save(manifest)
         stats.status, stats.wall_s = "done", time.perf_counter() - t0
@@ -333,7 +329,7 @@ class Job:
                      len(changed))
 
     def process(self, manifest: shards.Manifest, gen: shards.Generation, plan: state.Plan, todo: list[dict],
-                stats: RunStats) -> None:
+                stats: RunStats, t0: float) -> None:
         cfg, out = self.cfg, self.out
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
@@ -352,8 +348,9 @@ class Job:
             if written is not None:
                 entry = shards.ShardEntry(name=shards.shard_name(gen.id, shard.index), samples=len(written["keys"]),
                                           bytes=written["bytes"], generation=gen.id, sha256=written["sha256"])
-                stats.shards, stats.samples, stats.bytes = stats.shards + 1, stats.samples + entry.samples, \
-                    stats.bytes + entry.bytes
+                stats.shards += 1
+                stats.samples += entry.samples
+                stats.bytes += entry.bytes
             state.record_sources(manifest, gen, entry, shard.outcomes)
             out.save(manifest)
             for _, outcome in shard.outcomes:
@@ -370,6 +367,7 @@ class Job:
         packer = Packer(rows, first_index, cfg.shards.target_bytes, commit, start_shard)
         dataset = build_dataset(rows, settings, cfg.resources)
         for result in dataset.iter_rows():
+            stats.first_result_s = stats.first_result_s or time.perf_counter() - t0
             packer.add(result)
             for stage, seconds in json.loads(result["timing"]).items():
                 stats.stage_seconds[stage] = stats.stage_seconds.get(stage, 0.0) + seconds

@@ -35,6 +35,10 @@ LIST_FILE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 _VERSION_COLUMNS = ("size", "etag", "mtime")
 
 
+class InputNotFound(FileNotFoundError):
+    """``--input`` names nothing: a configuration error, not a bad input."""
+
+
 @dataclass(frozen=True)
 class Source:
     """One input object. ``uri`` is the full URL (local paths are absolute); ``extra`` holds list-file columns."""
@@ -97,7 +101,7 @@ def _list_tree(url: str, cfg: SourceConfig, storage: StorageConfig) -> list[Sour
         found = fs.glob(root, detail=True)
     else:
         if not fs.exists(root):
-            raise FileNotFoundError(f"input {redact_text(url)}: no such folder or object")
+            raise InputNotFound(f"input {redact_text(url)}: no such folder or object")
         found = fs.find(root, detail=True) if fs.isdir(root) else {root: fs.info(root)}
         found = {p: i for p, i in found.items() if _has_extension(p, cfg.extensions)}
     files = [info for info in found.values() if info.get("type", "file") == "file"]

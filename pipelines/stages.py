@@ -2,14 +2,18 @@
 ``failure`` (JSON QuarantineRecord fields) and passes through the later stages untouched, so every planned source
 reaches the driver as a result, good or bad.
 
-    row per source   probe      ProbeStage (actor + sandboxed PyAV)    streams, duration, clips; rejects early
-    row per segment  decode     DecodeStage (actor + sandboxed decord/PyAV): frames at the sampled instants,
-                                 resized (TVLT 224 crop | TVP longest edge 448), audio per clip as float mono
-                     log_mel    log_mel_stage: the clip's audio -> normalised TVLT spectrogram, float16
-                     encode     encode_stage: JPEG frames + mel.npy + JSON record -> tar bytes of the segment
-                     write      write_stage: the tar to ``_work/gen-G/<sid>-<seg>.tar``; only metadata goes on
+    row per source    ProbeStage (actor, sandboxed PyAV)   streams, duration, clips; rejects early what cannot work
+    row per segment   DecodeStage (actor), per segment:
+                        decode     sandboxed decord frames at the sampled instants + PyAV audio per clip
+                        resize     TVLT shortest edge + centre crop 224 | TVP longest edge 448
+                        log_mel    log_mel_stage: the clip's audio -> normalised TVLT spectrogram, float16
+                        encode     encode_stage: JPEG frames + mel.npy + JSON record -> the segment's tar bytes
+                        write      write_stage: the tar to ``_work/gen-G/<sid>-<seg>.tar``; only metadata goes on
 
-A segment is at most ``resources.clips_per_row`` clips of one video: the unit that bounds a row's memory.
+log-mel, encode and write run inside the decode actor: Ray Data fuses task stages only into a *following* actor
+stage, and shipping decoded frames and audio through the object store to other worker processes costs more than
+the work itself. They stay separate functions with their own timings. A segment is at most
+``resources.clips_per_row`` clips of one video: the unit that bounds a row's memory.
 """
 
 from __future__ import annotations
@@ -148,14 +152,21 @@ def _local_copy(uri: str, storage: StorageConfig, scratch_dir: str) -> tuple[str
 
 
 class DecodeStage:
-    """Decode each probed source segment by segment in a sandboxed child (decord frames, PyAV audio) and apply
-    the frame transform. A crash or hang is retried once in a fresh child, then the source is quarantined."""
+    """Decode each probed source segment by segment in a sandboxed child (decord frames, PyAV audio), resize, then
+    log-mel, encode and write each segment (see the module docstring). A decoder crash or hang is retried once in a
+    fresh child, then the source is quarantined; ``finish=False`` stops after the resize (rows keep their arrays)."""
 
-    def __init__(self, settings: StageSettings):
+    def __init__(self, settings: StageSettings, finish: bool = True):
         self.settings = settings
+        self.finish = finish
         self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s)
 
     def __call__(self, row: dict):
+        for seg_row in self.decode(row):
+            yield write_stage(encode_stage(log_mel_stage(seg_row, self.settings), self.settings), self.settings) \
+                if self.finish else seg_row
+
+    def decode(self, row: dict):
         if row["failure"]:
             yield _segment_row(row, -1, 0)
             return

@@ -29,7 +29,8 @@ class RunStats:
     quarantined: Counter = field(default_factory=Counter)  # reason -> count
     stage_seconds: dict = field(default_factory=dict)  # stage -> seconds summed over workers
     wall_s: float = 0.0
-    startup_s: float = 0.0  # Ray start-up and plan, before the first source is read
+    startup_s: float = 0.0  # listing, plan (and Ray start-up when the job starts Ray), before the graph runs
+    first_result_s: float = 0.0  # from the start until the first segment came back: includes actor start-up
     attempt: int = 1
 
     @property
@@ -63,7 +64,8 @@ class RunStats:
         ]
         rows += [(f"  {reason}", f"{n}") for reason, n in sorted(self.quarantined.items())]
         rows += [
-            ("wall time", f"{self.wall_s:.1f} s (start-up {self.startup_s:.1f} s)"),
+            ("wall time", f"{self.wall_s:.1f} s (plan and start-up {self.startup_s:.1f} s, first result after "
+                          f"{self.first_result_s:.1f} s)"),
             ("videos/s", f"{self.videos_per_s:.2f}"),
             ("video s per s", f"{self.video_s_per_s:.1f} ({self.video_seconds:.1f} s of video)"),
         ]

@@ -63,6 +63,11 @@ def test_bad_settings_fail_before_any_work_naming_the_setting(argv, names, tmp_p
         assert name in str(err.value)
 
 
+def test_an_input_that_does_not_exist_is_a_configuration_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such folder"):
+        main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"), "--dry-run"])
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(synthetic_corpus, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["--config", "preprocess_tiny", "--input", str(synthetic_corpus.root / "pretrain"), "--output",
@@ -160,7 +165,7 @@ def test_the_decode_stage_survives_decoder_crashes_retrying_once_then_quarantini
     settings = StageSettings(mode="pretrain", clips=ClipConfig(length_s=2.0, stride_s=2.0, min_length_s=0.5),
                              grounding=GroundingConfig(), audio=AudioConfig(), storage=StorageConfig(),
                              recipe_hash="r", work_url=str(tmp_path), decode_timeout_s=120, clips_per_row=16)
-    probe, decode = ProbeStage(settings), DecodeStage(settings)
+    probe, decode = ProbeStage(settings), DecodeStage(settings, finish=False)  # keep the decoded arrays
     listed = list_sources(str(synthetic_corpus.root / "pretrain" / "pt_0000[012].mp4"), SourceConfig(), StorageConfig())
     rows = {row["uri"]: probe(initial_row(row, i)) for i, row in enumerate(state.plan_rows(listed))}
     killers = [Killer(crash_once, times=1), Killer(crash_always, times=1000)]
