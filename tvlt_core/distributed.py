@@ -54,6 +54,7 @@ def init_process_group(backend: str | None = None, timeout_s: float = 600.0) -> 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         info = current()
+        os.environ.setdefault("LOCAL_RANK", str(info.local_rank))  # DeepSpeed reads it, as torchrun sets it
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(
             backend, rank=info.rank, world_size=info.world_size, timeout=timedelta(seconds=timeout_s)
@@ -95,6 +96,15 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def all_ranks_true(flag: bool) -> bool:
     """True when ``flag`` holds on every rank; every rank gets the same answer (a collective: all must call)."""
     return bool(all_reduce_max(torch.tensor([0.0 if flag else 1.0]))[0] == 0.0)
+
+
+def all_gather_object(value):
+    """``value`` of every rank, in rank order (a collective; ``[value]`` without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
 
 
 def barrier() -> None:

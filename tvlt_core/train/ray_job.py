@@ -113,6 +113,7 @@ def _report(metrics: dict[str, Any], folder: str | None) -> None:
 
 def train_worker(config: dict[str, Any]) -> None:
     """The training function of one rank (``train_loop_per_worker``)."""
+    import ray
     import ray.train
 
     from tvlt_core.data.stream import StreamingLoader
@@ -137,6 +138,9 @@ def train_worker(config: dict[str, Any]) -> None:
             experiment=job.tracking.experiment, run_name=job.run_name, params=job.config, dataset=job.dataset,
             system_metrics=job.tracking.system_metrics, work_dir=job.work_dir, files=job.files,
         )  # fmt: skip
+    nodes = distributed.all_gather_object(ray.get_runtime_context().get_node_id())
+    if tracker is not None:
+        tracker.set_tag("tvlt.ray_nodes", str(len(set(nodes))))  # how the ranks were spread over machines
     settings = LoopSettings(job.optim, job.schedule, job.checkpoint, job.tracking, job.run_name, job.config, job.dataset)
     trainer = Trainer(engine, job.task, loader, settings, rank=rank, tracker=tracker, report=_report)
     try:
