@@ -148,7 +148,8 @@ def test_non_finite_loss_stops_before_the_update(shards, one_rank):
     trainer = make_trainer(shards, one_rank, stage=0, max_steps=3, task=task)
     before = {}
     with pytest.raises(NonFiniteLossError, match=r"step 2: non-finite loss on rank\(s\) \[0\].*optim.lr"):
-        trainer.train_step(batches := iter(trainer.loader))
+        _, _, norm = trainer.train_step(batches := iter(trainer.loader))
+        assert norm is not None and norm > 0, "stage 0 in fp32 reports a gradient norm too"
         before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
         trainer.train_step(batches)
     assert trainer.step == 1

@@ -48,10 +48,10 @@ def tracking_uri(work_dir: str = DEFAULT_WORK_DIR) -> str:
     return f"sqlite:///{folder}/mlflow.db"
 
 
-def _artifact_location(uri: str, work_dir: str, experiment: str) -> str | None:
-    """Artifacts of a sqlite-backed experiment go beside the database; a server chooses its own."""
-    if uri.startswith("sqlite:"):
-        return (Path(work_dir).resolve() / "mlartifacts" / experiment).as_uri()
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite-backed experiment go beside the database file; a server chooses its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / experiment).as_uri()
     return None
 
 
@@ -60,6 +60,22 @@ def resolve_model_uri(uri: str, work_dir: str = DEFAULT_WORK_DIR) -> str:
     import mlflow
 
     return mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri(work_dir))
+
+
+def _experiment_id(client, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created when missing (another job creating it at the same moment is fine)."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -88,8 +104,8 @@ class DatasetInfo:
 class RunTracker:
     """The MLflow run of one training job. Made on rank 0 only; every call is a no-op for steps already logged."""
 
-    def __init__(self, client, run_id: str, last_step: int, work_dir: str):
-        self.client, self.run_id, self.last_step, self.work_dir = client, run_id, last_step, work_dir
+    def __init__(self, client, run_id: str, last_step: int):
+        self.client, self.run_id, self.last_step = client, run_id, last_step
 
     @classmethod
     def start(
@@ -111,19 +127,14 @@ class RunTracker:
         uri = tracking_uri(work_dir)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = (
-            found.experiment_id
-            if found is not None
-            else client.create_experiment(experiment, artifact_location=_artifact_location(uri, work_dir, experiment))
-        )
+        experiment_id = _experiment_id(client, experiment, _artifact_location(uri, experiment))
         params = flatten(redact(dict(params)))
         runs = client.search_runs(
             [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=2
         )
         if runs:
             run_id = runs[0].info.run_id
-            tracker = cls(client, run_id, cls._last_logged_step(client, run_id), work_dir)
+            tracker = cls(client, run_id, cls._last_logged_step(client, run_id))
             tracker._note_changed_params(runs[0].data.params, params)
             attempts = int(runs[0].data.tags.get(ATTEMPTS_TAG, "1")) + 1
             client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
@@ -131,7 +142,7 @@ class RunTracker:
         else:
             run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, ATTEMPTS_TAG: "1"})
             run_id = run.info.run_id
-            tracker = cls(client, run_id, 0, work_dir)
+            tracker = cls(client, run_id, 0)
             tracker._log_params(params)
             if dataset is not None:
                 tracker._log_dataset(dataset)

@@ -98,7 +98,9 @@ def read_units(units: Iterator[plan.WorkUnit | None], start: int) -> Iterator[tu
     idle = 0  # units in a row that gave nothing: the shards do not hold what the manifest says
     for unit in units:
         if unit is None:
-            if first > start:
+            # the end of a pass empties the buffer; resumed exactly there (the buffer maybe not yet emptied), it
+            # is passed on again: emptying an already empty buffer changes nothing
+            if first >= start:
                 yield None
             continue
         if first + unit.samples > start:

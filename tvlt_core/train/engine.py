@@ -128,3 +128,12 @@ def full_state_dict(engine, *, rank: int) -> dict[str, torch.Tensor]:
         for name, buffer in engine.module.named_buffers():
             state[name] = buffer.detach().cpu().clone()
     return state
+
+
+def plain_grad_norm(engine) -> float | None:
+    """The global gradient norm where DeepSpeed keeps none (ZeRO stage 0 in fp32 clips without storing it); call
+    after the last backward of an optimizer step, before ``engine.step()``. None where DeepSpeed has its own."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
+        return None
+    grads = [p.grad.detach() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0

@@ -35,7 +35,7 @@ from tvlt_core.checkpoint import write_folder
 from tvlt_core.data.stream import StreamingLoader
 from tvlt_core.tracking import DatasetInfo, RunTracker, model_card
 from tvlt_core.train.config import CheckpointConfig, OptimConfig, ScheduleConfig, TrackingConfig
-from tvlt_core.train.engine import full_state_dict
+from tvlt_core.train.engine import full_state_dict, plain_grad_norm
 from tvlt_core.train.schedule import lr_at
 from tvlt_core.train.tasks import Task
 
@@ -77,14 +77,15 @@ class _Window:
     samples: int = 0
     wait_s: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)
-    grad_norm: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, parts: dict[str, float], samples: int, wait_s: float, grad_norm: float | None) -> None:
         self.steps += 1
         self.samples += samples
         self.wait_s += wait_s
-        self.grad_norm += grad_norm or 0.0
+        if grad_norm is not None:  # DeepSpeed has none to give when it did not compute one (no clipping, stage 0)
+            self.grad_norms.append(grad_norm)
         for k, v in parts.items():
             self.parts[k] = self.parts.get(k, 0.0) + v
 
@@ -117,28 +118,34 @@ class Trainer:
         return lr_at(step, base_lr=self.s.optim.lr, warmup_steps=sc.warmup_steps, max_steps=sc.max_steps,
                      min_lr_ratio=sc.min_lr_ratio)  # fmt: skip
 
-    def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, float], float]:
+    def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, float], float, float | None]:
         """``grad_accum_steps`` micro-batches and one optimizer update. Returns (loss parts averaged over micro-
-        batches and ranks, seconds spent waiting for data)."""
+        batches and ranks, seconds spent waiting for data, global gradient norm before clipping or None)."""
         lr = self.lr(self.step)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         totals: dict[str, float] = {}
-        wait = 0.0
+        wait, accum = 0.0, self.s.optim.grad_accum_steps
+        norm = None
         self.engine.train()
-        for _ in range(self.s.optim.grad_accum_steps):
+        for micro in range(accum):
             t0 = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - t0
             loss, parts, output = self.task.forward(self.engine, batch, self.device, self.dtype)
             for k, v in self.check_finite(parts).items():
-                totals[k] = totals.get(k, 0.0) + v / self.s.optim.grad_accum_steps
+                totals[k] = totals.get(k, 0.0) + v / accum
             self.engine.backward(loss)
+            if micro == accum - 1:
+                norm = plain_grad_norm(self.engine)
             self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            self.last = (batch, output)
+            if self.tracker is not None:  # kept for the artifacts only where they are logged
+                self.last = (batch, output)
         self.step += 1
         self.samples_seen += self.samples_per_step
-        return {**totals, "lr": lr}, wait
+        if norm is None and self.engine.get_global_grad_norm() is not None:
+            norm = float(self.engine.get_global_grad_norm())
+        return {**totals, "lr": lr}, wait, norm
 
     def check_finite(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
         """Average ``parts`` over ranks; raise ``NonFiniteLossError`` on every rank if any rank's loss is not
@@ -169,9 +176,7 @@ class Trainer:
         batches = iter(self.loader)
         window, total = _Window(), _Window()
         while self.step < max_steps:
-            parts, wait = self.train_step(batches)
-            grad_norm = self.engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else None
+            parts, wait, grad_norm = self.train_step(batches)
             for w in (window, total):
                 w.add(parts, self.samples_per_step, wait, grad_norm)
             at_end = self.step == max_steps
@@ -198,9 +203,10 @@ class Trainer:
     def log_window(self, w: _Window) -> None:
         elapsed = time.perf_counter() - w.started
         metrics = {f"train/{k}": v / w.steps for k, v in w.parts.items() if k != "lr"}
+        if w.grad_norms:
+            metrics["train/grad_norm"] = sum(w.grad_norms) / len(w.grad_norms)
         metrics.update({
             "train/lr": w.parts["lr"] / w.steps,
-            "train/grad_norm": w.grad_norm / w.steps,
             "train/epoch": float(self.loader.epoch),
             "perf/samples_per_s": w.samples / elapsed,
             "perf/data_wait_s": w.wait_s,
@@ -306,7 +312,8 @@ class Trainer:
         distributed.barrier()
         return version
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End the MLflow run with ``status`` (FINISHED or FAILED) and drop what the loop holds."""
         self.last = None
         if self.tracker is not None:
-            self.tracker.end()
+            self.tracker.end(status)

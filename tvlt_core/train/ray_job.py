@@ -155,10 +155,12 @@ def train_worker(config: dict[str, Any]) -> None:
             job.run_name, loader.num_samples, loader.steps_per_epoch, rank.world_size, trainer.step, job.schedule.max_steps,
         )  # fmt: skip
         summary = trainer.train()
-        if rank.is_main:
-            log.info("summary:\n%s", "\n".join(f"  {k:<32} {v:.6g}" for k, v in summary.items()))
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(status="FAILED")  # a restart or a relaunch sets the MLflow run running again
+        raise
+    trainer.close()
+    if rank.is_main:
+        log.info("summary:\n%s", "\n".join(f"  {k:<32} {v:.6g}" for k, v in summary.items()))
 
 
 def _init_ray(parallel: ParallelConfig) -> None:
