@@ -1,0 +1,160 @@
+"""TVP evaluation: temporal grounding R@1 at IoU 0.3 / 0.5 / 0.7 and mIoU, beside two baselines on the same queries.
+
+Every query of every video in the shards is evaluated (training draws one per video; evaluation takes them all).
+Per query the model predicts one segment; the metrics are ``tvlt_core.metrics.grounding_metrics``. The baselines,
+computed on exactly the same queries:
+
+    random          a segment with start and end drawn uniformly over the video (``random_draws`` draws per query,
+                    averaged), from a generator seeded by the settings, over the queries in (key, query) order
+    best constant   the one (start, end) pair, on a 1/``constant_grid`` grid of the duration, that scores best on
+                    each metric over this evaluation set: an oracle that has seen the answers, so the strongest
+                    guess that ignores the video and the sentence
+
+IoU does not change when both segments are scaled, so the baselines work in fractions of each video's duration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import fsspec
+import torch
+
+from tvlt_core import metrics, shards
+from tvlt_core.data.batches import uniform_indices
+from tvlt_core.data.plan import seed_for
+from tvlt_core.data.stream import read_shard
+from tvlt_core.eval.report import Report, Row
+from tvlt_core.eval.settings import EvalSettings, EvalUnit
+from tvlt_core.models.tvp import TvpForVideoGrounding
+from tvlt_core.text import TextTokenizer
+from tvlt_core.video import tvp_logits_to_seconds, tvp_preprocess
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TEXT_LENGTH = 32  # when the checkpoint's tokenizer_config.json does not say
+KEYS = {m: f"r1_iou{m:g}" for m in metrics.IOU_THRESHOLDS}  # the training loop's metric names
+
+
+def saved_text_length(folder: str, limit: int) -> int:
+    """The tokenizer length the checkpoint was trained with (``model_max_length``), at most ``limit``."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    path = f"{root.rstrip('/')}/tokenizer_config.json"
+    if not fs.exists(path):
+        return min(DEFAULT_MAX_TEXT_LENGTH, limit)
+    with fs.open(path, "r") as f:
+        return min(int(json.load(f).get("model_max_length", DEFAULT_MAX_TEXT_LENGTH)), limit)
+
+
+class TvpEvaluator:
+    """A ``TvpForVideoGrounding`` and its tokenizer, loaded once, evaluating units."""
+
+    def __init__(self, model: TvpForVideoGrounding, tokenizer: TextTokenizer, settings: EvalSettings):
+        self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+
+    @classmethod
+    def load(cls, folder: str, settings: EvalSettings) -> TvpEvaluator:
+        model = TvpForVideoGrounding.from_pretrained(folder)
+        length = saved_text_length(folder, model.config.max_position_embeddings)
+        return cls(model, TextTokenizer.from_folder(folder, length), settings)
+
+    @torch.no_grad()
+    def evaluate_unit(self, unit: EvalUnit) -> dict[str, Any]:
+        """Per query: key, query index, sentence, duration, true and predicted (start, end) in seconds."""
+        c, queries, rows, skipped = self.model.config, [], [], 0
+        for raw in read_shard(unit.url):
+            try:
+                sample = shards.decode_sample(raw)
+                duration, annotated = float(sample.record["duration"]), sample.record["queries"]
+            except (ValueError, KeyError, OSError) as err:  # corrupt entries, or not a grounding sample
+                log.warning("skipping sample %s of %s: %s", raw.get("__key__"), unit.url, err)
+                skipped += 1
+                continue
+            frames = sample.frames[uniform_indices(len(sample.frames), c.num_frames, repeat=True)]
+            pixels = tvp_preprocess(frames, c.max_img_size)
+            for i, q in enumerate(annotated):
+                queries.append({"key": sample.key, "query": i, "sentence": q["sentence"], "duration": duration,
+                                "true": [float(q["start"]), float(q["end"])], "pixels": pixels})  # fmt: skip
+            while len(queries) >= self.settings.batch_size:
+                rows += self.predict(queries[: self.settings.batch_size])
+                queries = queries[self.settings.batch_size :]
+        if queries:
+            rows += self.predict(queries)
+        return {"unit": unit.index, "queries": rows, "videos": len({r["key"] for r in rows}), "skipped": skipped}
+
+    def predict(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        text = self.tokenizer([q["sentence"] for q in queries])
+        out = self.model(
+            input_ids=text["input_ids"].to(self.device),
+            pixel_values=torch.stack([q["pixels"] for q in queries]).to(self.device),
+            attention_mask=text["attention_mask"].to(self.device),
+        )
+        predicted = tvp_logits_to_seconds(out.logits.float().cpu(), [q["duration"] for q in queries])
+        return [{**{k: v for k, v in q.items() if k != "pixels"}, "predicted": p} for q, p in zip(queries, predicted.tolist())]
+
+    @staticmethod
+    def summarize(parts: list[dict[str, Any]], settings: EvalSettings) -> Report:
+        """Model and baselines over every query of ``parts`` (in unit order)."""
+        rows = sorted((r for p in parts for r in p["queries"]), key=lambda r: (r["key"], r["query"]))
+        if not rows:
+            raise ValueError("nothing to evaluate: the shards hold no grounding query (made with --mode grounding?)")
+        true = torch.tensor([r["true"] for r in rows], dtype=torch.float64)
+        predicted = torch.tensor([r["predicted"] for r in rows], dtype=torch.float64)
+        durations = torch.tensor([r["duration"] for r in rows], dtype=torch.float64)[:, None]
+        model = metrics.grounding_metrics(predicted, true)
+        fractions = true / durations
+        random = random_segment_metrics(fractions, settings.random_draws, settings.seed)
+        constant, segment = best_constant_metrics(fractions, settings.constant_grid)
+        names = [f"R@1,IoU={m:g}" for m in metrics.IOU_THRESHOLDS] + ["mIoU"]
+        keys = list(KEYS.values()) + ["miou"]
+        labels = [f"R@1 IoU={m:g}" for m in metrics.IOU_THRESHOLDS] + ["mIoU"]
+        table = [Row(k, label, model[n], {"random": random[n], "best-constant": constant[n]})
+                 for k, label, n in zip(keys, labels, names)]  # fmt: skip
+        references = {
+            "random": f"start and end drawn uniformly over the video, {settings.random_draws} draws per query",
+            "best-constant": f"the best single (start, end) on a 1/{settings.constant_grid} grid of the duration for "
+            f"each metric, chosen on these answers (for mIoU: {segment[0]:.2f}-{segment[1]:.2f} of the duration)",
+        }
+        counts = {"videos": sum(p["videos"] for p in parts), "queries": len(rows), "skipped": sum(p["skipped"] for p in parts)}
+        iou = metrics.temporal_iou(predicted, true).tolist()
+        predictions = [{**r, "iou": round(v, 4)} for r, v in zip(rows, iou)]
+        files = {"predictions.json": json.dumps(predictions, indent=1).encode()}
+        return Report("tvp-grounding", table, references, counts, primary=KEYS[0.5], files=files)
+
+
+def random_segment_metrics(fractions: torch.Tensor, draws: int, seed: int) -> dict[str, float]:
+    """Grounding metrics of uniformly random segments against (Q, 2) true segments in fractions of the duration."""
+    g = torch.Generator().manual_seed(seed_for(seed, "random-segment"))
+    guesses = torch.rand(fractions.shape[0], draws, 2, generator=g, dtype=torch.float64).sort(dim=-1).values
+    return metrics.grounding_metrics(guesses.reshape(-1, 2), fractions.repeat_interleave(draws, dim=0))
+
+
+def iou_grid(candidates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """IoU of every candidate (C, 2) with every target (Q, 2): (C, Q), the same formula as ``temporal_iou``."""
+    c, t = candidates[:, None, :], targets[None, :, :]
+    inter = (torch.minimum(c[..., 1], t[..., 1]) - torch.maximum(c[..., 0], t[..., 0])).clamp(min=0)
+    hull = torch.maximum(c[..., 1], t[..., 1]) - torch.minimum(c[..., 0], t[..., 0])
+    return torch.where(hull > 0, inter / hull.clamp(min=torch.finfo(hull.dtype).tiny), torch.zeros_like(hull))
+
+
+def best_constant_metrics(fractions: torch.Tensor, grid: int) -> tuple[dict[str, float], tuple[float, float]]:
+    """For each grounding metric, the best score any one segment (start < end on a 1/``grid`` grid) gets when
+    predicted for every (Q, 2) true segment (fractions of the duration); and the segment with the best mIoU."""
+    points = torch.arange(grid + 1, dtype=torch.float64) / grid
+    start, end = torch.triu_indices(grid + 1, grid + 1, offset=1)
+    candidates = torch.stack([points[start], points[end]], dim=1)  # (C, 2)
+    thresholds = torch.tensor(metrics.IOU_THRESHOLDS, dtype=torch.float64)
+    recalls, mious = [], []
+    for chunk in candidates.split(256):  # (256, Q) IoUs at a time: bounded memory for large evaluation sets
+        iou = iou_grid(chunk, fractions)
+        recalls.append((iou[:, :, None] >= thresholds).double().mean(dim=1))  # (chunk, thresholds)
+        mious.append(iou.mean(dim=1))
+    recall, miou = torch.cat(recalls), torch.cat(mious)
+    best = {f"R@1,IoU={m:g}": float(recall[:, i].max()) for i, m in enumerate(metrics.IOU_THRESHOLDS)}
+    best["mIoU"] = float(miou.max())
+    s, e = candidates[int(miou.argmax())].tolist()
+    return best, (s, e)
