@@ -58,8 +58,8 @@ def _audio_facts(container, stream) -> tuple[dict | None, str]:
         return None, f"audio stream cannot be decoded: {e}"
     if frame is None:
         return None, "audio stream holds no samples"
-    return {"sample_rate": frame.sample_rate, "channels": len(frame.layout.channels), "codec": stream.codec_context.name,
-            "sample_format": frame.format.name}, ""
+    return {"sample_rate": frame.sample_rate, "channels": len(frame.layout.channels),
+            "codec": stream.codec_context.name, "sample_format": frame.format.name}, ""
 
 
 def probe(uri: str, storage_options: dict | None = None, want_audio: bool = True) -> dict:

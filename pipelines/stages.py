@@ -162,9 +162,11 @@ class DecodeStage:
         self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s)
 
     def __call__(self, row: dict):
+        s = self.settings
         for seg_row in self.decode(row):
-            yield write_stage(encode_stage(log_mel_stage(seg_row, self.settings), self.settings), self.settings) \
-                if self.finish else seg_row
+            if self.finish:
+                seg_row = write_stage(encode_stage(log_mel_stage(seg_row, s), s), s)
+            yield seg_row
 
     def decode(self, row: dict):
         if row["failure"]:
@@ -176,7 +178,11 @@ class DecodeStage:
         want_audio = s.mode == "pretrain" and info["audio"] is not None
         frames_per_clip = s.grounding.frames if s.mode == "grounding" else s.clips.frames
         start = time.perf_counter()
-        path, scratch = _local_copy(row["uri"], s.storage, s.scratch_dir)
+        try:
+            path, scratch = _local_copy(row["uri"], s.storage, s.scratch_dir)
+        except (FileNotFoundError, PermissionError) as e:  # gone or locked since it was listed and probed
+            yield _segment_row(failed(row, "decode", "unreadable", f"download failed: {e}"), -1, 0)
+            return
         row = timed(row, "download", time.perf_counter() - start)
         try:
             segs = clipping.segments(clips, s.clips_per_row)
@@ -277,8 +283,8 @@ def _record(row: dict, settings: StageSettings, clip: clipping.Clip, frame_times
         rec["queries"] = json.loads(row["queries"])
         return rec
     audio = info["audio"] or {}
-    rec.update(audio_present=mel_frames > 0, sample_rate=audio.get("sample_rate", rate), channels=audio.get("channels", 0),
-               mel_frames=mel_frames)
+    rec.update(audio_present=mel_frames > 0, sample_rate=audio.get("sample_rate", rate),
+               channels=audio.get("channels", 0), mel_frames=mel_frames)
     return rec
 
 

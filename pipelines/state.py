@@ -229,4 +229,5 @@ def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: sha
 
 def committed_in(manifest: shards.Manifest, generation: int) -> set[str]:
     """URIs whose outcome generation ``generation`` has already committed."""
-    return {u for u, e in manifest.sources.items() if e.get("generation") == generation and e.get("status") != "pending"}
+    return {u for u, e in manifest.sources.items()
+            if e.get("generation") == generation and e.get("status") != "pending"}

@@ -51,7 +51,8 @@ class RunStats:
     def table(self) -> str:
         """The end-of-run summary, one metric per line."""
         rows = [
-            ("generation", f"{self.generation} ({self.status}{', attempt %d' % self.attempt if self.attempt > 1 else ''})"),
+            ("generation", f"{self.generation} ({self.status}"
+                           + (f", attempt {self.attempt})" if self.attempt > 1 else ")")),
             ("sources listed", f"{self.listed}: {self.new} new, {self.changed} changed, {self.unchanged} unchanged"
                                + (f", {self.gone} gone (samples kept)" if self.gone else "")),
             ("inputs processed", f"{self.inputs}" + (f" (+{self.skipped} committed before a restart)"

@@ -116,7 +116,8 @@ def sample_digests(out: Path) -> dict[str, str]:
         with tarfile.open(url) as tar:
             for member in tar:
                 key = member.name.split(".", 1)[0]
-                digests[key] = hashlib.sha256(digests.get(key, "").encode() + tar.extractfile(member).read()).hexdigest()
+                data = digests.get(key, "").encode() + tar.extractfile(member).read()
+                digests[key] = hashlib.sha256(data).hexdigest()
     return digests
 
 
