@@ -82,7 +82,7 @@ def _experiment_id(client, name: str, work_dir: str) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, work_dir, name))
+    return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name))
 
 
 def log_evaluation(client, report: Report, ref: ModelRef, *, dataset: DatasetInfo, params: Mapping[str, Any],
