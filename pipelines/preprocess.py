@@ -298,7 +298,7 @@ class Job:
         stats.startup_s = time.perf_counter() - t0
         if todo:
             self.process(manifest, gen, plan, todo, stats, t0)
-        gen.finished = state.now()
+        gen.finished, gen.plan = state.now(), ""  # the plan goes with the work folder
         out.save(manifest)
         stats.status, stats.wall_s = "done", time.perf_counter() - t0
         all_stats = out.load_stats()
