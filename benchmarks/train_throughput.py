@@ -11,8 +11,8 @@ CPU rows: each (workers, stage) is one training job through ``tvlt_core.train.ra
 2 x ``--steps`` optimizer steps and is measured over the second half (the first holds start-up and warm-up):
     samples/s     samples of all ranks per second of wall time
     data wait     share of rank 0's training-loop time spent waiting in ``next(batches)``
-    loader s/s    the loader alone in one process (same batcher, same shards, no model): samples/s per rank,
-                  with 0 and 1 loader worker processes; compare with samples/s / workers
+    loader        the loader alone (same batcher, same shards, no model), one rank: samples/s with 0 and 1
+                  loader worker processes, and CPU ms per sample in-process (what a core must spend per sample)
 GPU row (``--gpu``): TVLT base in bf16 on one GPU, DeepSpeed ZeRO stage 0 in this process, synthetic batches from
 the loader's collate: samples/s, model FLOP utilisation (forward + backward FLOPs counted by
 torch.utils.flop_counter over the device's dense bf16 peak) and peak memory (torch.cuda.max_memory_allocated).
@@ -71,15 +71,18 @@ def write_bench_shards(folder: str, num_shards: int, per_shard: int, seed: int =
 
 
 # --- the loader alone ---------------------------------------------------------------------------------------------
-def loader_rate(manifest: str, batcher, batch_size: int, num_workers: int, batches: int) -> float:
-    """Samples/s of one rank's loader, after its first batch (worker start-up excluded)."""
+def loader_rate(manifest: str, batcher, batch_size: int, num_workers: int, batches: int) -> tuple[float, float]:
+    """(samples/s, CPU ms per sample in this process) of one rank's loader, after its first batch (worker
+    start-up excluded). With worker processes the decoding is theirs, so the CPU figure means something for 0 only;
+    unlike wall time it hardly depends on what else the machine runs."""
     loader = StreamingLoader(manifest, batcher, batch_size=batch_size, num_workers=num_workers, shuffle_buffer=32)
     it = iter(loader)
     next(it)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    return batches * batch_size / (time.perf_counter() - t0)
+    samples = batches * batch_size
+    return samples / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / samples
 
 
 # --- CPU training rows --------------------------------------------------------------------------------------------
@@ -116,7 +119,9 @@ def cpu_table(args) -> str:
     work = tempfile.mkdtemp(prefix="train-bench-")
     manifest = write_bench_shards(f"{work}/shards", num_shards=8, per_shard=24)
     batcher = TvltBatcher(image_size=64, num_frames=8, patch_size=16, max_audio_frames=512)
-    rates = {w: loader_rate(manifest, batcher, args.batch, w, batches=12) for w in (0, 1)}
+    torch.set_num_threads(1)  # like one training rank's share of this machine
+    rates = {w: loader_rate(manifest, batcher, args.batch, w, batches=24) for w in (0, 1)}
+    torch.set_num_threads(os.cpu_count() or 1)
     ray.init(num_cpus=max(2, max(args.workers)), include_dashboard=False, object_store_memory=256 * 2**20,
              log_to_driver=False)  # fmt: skip
     rows = []
@@ -125,18 +130,20 @@ def cpu_table(args) -> str:
             rows.append(train_row(manifest, work, workers, stage, args.steps, args.batch))
             log.info("%s", rows[-1])
     ray.shutdown()
+    load = os.getloadavg()[0]
     lines = [
-        f"TVLT tiny, batch {args.batch} per worker, CPU fp32, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), "
-        f"measured over steps {args.steps + 1}-{2 * args.steps}; loader alone: {rates[0]:.1f} samples/s in-process, "
-        f"{rates[1]:.1f} with 1 worker process",
+        f"TVLT tiny, batch {args.batch} per worker, CPU fp32, {os.cpu_count()} cores ({platform.machine()}, load "
+        f"average {load:.1f} at the end), measured over steps {args.steps + 1}-{2 * args.steps}. The loader alone, "
+        f"one rank: {rates[0][0]:.1f} samples/s in-process ({rates[0][1]:.0f} CPU ms per sample, so "
+        f"{1000 / rates[0][1]:.0f} samples/s per free core), {rates[1][0]:.1f} samples/s with 1 worker process.",
         "",
-        "| workers | ZeRO | samples/s | samples/s per worker | data wait | loader samples/s (1 rank, in-process) | job wall s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workers | ZeRO | samples/s | samples/s per worker | data wait | job wall s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['workers']} | {r['stage']} | {r['samples_s']:.1f} | {r['samples_s'] / r['workers']:.1f} | "
-            f"{100 * r['wait']:.0f}% | {rates[0]:.1f} | {r['job_s']:.0f} |"
+            f"{100 * r['wait']:.0f}% | {r['job_s']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -142,6 +142,9 @@ def test_zero2_on_uneven_shards_then_relaunch_resumes_the_same_run(ray_cluster, 
     inputs = run.inputs.dataset_inputs[0]
     assert {t.key: t.value for t in inputs.tags}["samples"] == "13"
     assert len(client.search_model_versions("name='tvlt-pretrain'")) == 2
+    pictures = {f.path for f in client.list_artifacts(run.info.run_id, "samples/step-00000006")}
+    assert pictures == {"samples/step-00000006/frames.png", "samples/step-00000006/spectrogram.png"}
+    assert "config.yaml" in {f.path for f in client.list_artifacts(run.info.run_id)}
 
     # the registered model is the trained model: the final checkpoint's module weights, read independently
     fs = fsspec.filesystem("file")

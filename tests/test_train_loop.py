@@ -4,6 +4,7 @@ exact resume from a checkpoint, non-finite loss, safe checkpoint loading, export
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import shutil
@@ -155,3 +156,25 @@ def test_non_finite_loss_stops_before_the_update(shards, one_rank):
     assert trainer.step == 1
     for name, value in trainer.engine.module.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} changed by a non-finite step"
+
+
+def test_zero3_with_parameter_and_optimizer_offload_trains_and_restores(shards, one_rank, tmp_path):
+    task = tiny_task()
+    torch.manual_seed(0)
+    model = task.build_model()
+    loader = StreamingLoader(shards, task.batcher(model), batch_size=2)
+    parallel = ParallelConfig(num_workers=1, zero_stage=3, offload_optimizer=True, offload_params=True)
+    engine = build_engine(model, OptimConfig(), parallel, 2, 1)
+    settings = LoopSettings(OptimConfig(), ScheduleConfig(max_steps=2, warmup_steps=1), CheckpointConfig(), TrackingConfig())
+    trainer = Trainer(engine, task, loader, settings, rank=one_rank)
+    before = full_state_dict(engine, rank=0)
+    parts, _, norm = trainer.train_step(iter(loader))
+    after = full_state_dict(engine, rank=0)
+    assert math.isfinite(parts["loss"]) and norm is not None and norm > 0
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the offloaded optimizer updated the weights"
+    trainer.save(str(tmp_path))
+    trainer.step = 0
+    trainer.restore(str(tmp_path))
+    assert trainer.step == 1
+    for name, value in full_state_dict(engine, rank=0).items():
+        torch.testing.assert_close(value, after[name], rtol=0, atol=0)
