@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/model_step.py                          # every case, CPU fp32, a few minutes
     .venv/bin/python benchmarks/model_step.py --cases tvlt-tiny-b8 --dtype bf16 --threads 1
+    .venv/bin/python benchmarks/model_step.py --cases tvp-tiny-b1,tvp-tiny-b4,tvp-tiny-b8 --threads 1
     .venv/bin/python benchmarks/model_step.py --device cuda --dtype bf16 --flops --peak-tflops 989   # H100
 
 The CUDA path (synchronised timing, CUDA allocator peaks, FLOP/s and MFU) has not run yet: no GPU was available
@@ -64,6 +65,10 @@ class Case:
 CASES = [
     Case("tvlt-tiny-b8", "tvlt", "tiny", batch=8, steps=10, warmup=2, audio_frames=256),
     Case("tvlt-base-b1", "tvlt", "base", batch=1, steps=2, warmup=1, audio_frames=512),
+    # TVP: the reference runs batch 1 only; its rows at batch B accumulate B batch-1 passes (see build_tvp).
+    Case("tvp-tiny-b1", "tvp", "tiny", batch=1, steps=10, warmup=2),
+    Case("tvp-tiny-b4", "tvp", "tiny", batch=4, steps=10, warmup=2),
+    Case("tvp-tiny-b8", "tvp", "tiny", batch=8, steps=10, warmup=2),
 ]
 
 
@@ -117,7 +122,63 @@ def build_tvlt(case: Case, impl: str, device: torch.device, dtype: torch.dtype):
     return model, step
 
 
-BUILDERS: dict[str, Callable] = {"tvlt": build_tvlt}
+# -------------------------------------------------------------------------------------------------------- TVP
+
+TVP_TEXT_TOKENS = 100  # tvlt_core.text's default max_text_length; about half of each row is padding
+
+
+def build_tvp(case: Case, impl: str, device: torch.device, dtype: torch.dtype):
+    """-> (model, step: () -> loss). TvpForVideoGrounding with the grounding loss.
+
+    The reference only runs batch 1 (it unpacks ``labels`` along the batch axis), so its step for a batch of B is
+    B batch-1 forward/backward passes accumulating gradients, the way it would be trained at that batch: the same
+    samples and the same gradient (ours averages the per-sample losses, so the reference's are scaled by 1 / B).
+    The reference's BatchNorm uses batch statistics in train mode, ours running ones: the same arithmetic cost.
+    """
+    from tvlt_core.models.tvp import TVP_PRESETS, TvpForVideoGrounding
+
+    config = TVP_PRESETS[case.preset]()
+    g = torch.Generator().manual_seed(0)
+    b, s, length = case.batch, config.max_img_size, TVP_TEXT_TOKENS
+    lengths = torch.randint(length // 4, length + 1, (b,), generator=g)
+    duration = torch.rand(b, generator=g) * 20 + 10
+    start = torch.rand(b, generator=g) * duration / 2
+    inputs = dict(
+        input_ids=torch.randint(5, config.vocab_size, (b, length), generator=g),
+        pixel_values=torch.rand(b, config.num_frames, 3, s, s, generator=g) * 2 - 1,
+        attention_mask=(torch.arange(length)[None] < lengths[:, None]).long(),
+        labels=torch.stack([duration, start, start + torch.rand(b, generator=g) * duration / 2], dim=1),
+    )
+    inputs = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in inputs.items()}
+
+    torch.manual_seed(0)
+    model = TvpForVideoGrounding(config)
+    if impl == "reference":
+        import transformers
+
+        state = model.state_dict()
+        model = transformers.TvpForVideoGrounding(transformers.TvpConfig.from_dict(config.to_dict()))
+        model.load_state_dict(state)
+        del state
+
+        def sample_loss(i: int) -> torch.Tensor:
+            one = {k: v[i : i + 1] for k, v in inputs.items()}
+            one["pixel_values"] = one["pixel_values"].clone()  # its prompter writes into pixel_values in place
+            one["labels"] = one["labels"].T  # (3, 1): duration, start, end unpacked along dim 0
+            return model(**one).loss.sum() / b
+
+        def step() -> torch.Tensor:
+            for i in range(b - 1):
+                sample_loss(i).backward()
+            return sample_loss(b - 1)  # the harness calls backward on the last one
+
+    else:
+        step = lambda: model(**inputs).loss  # noqa: E731
+    model.to(device=device, dtype=dtype).train()
+    return model, step
+
+
+BUILDERS: dict[str, Callable] = {"tvlt": build_tvlt, "tvp": build_tvp}
 
 
 # ------------------------------------------------------------------------------------------------ measurement
