@@ -35,7 +35,7 @@ from tvlt_core.train.config import (
     ScheduleConfig,
     TrackingConfig,
 )
-from tvlt_core.train.ray_job import TrainJob, dataset_info, default_run_name, launch, run_folder, summary_table
+from tvlt_core.train.ray_job import dataset_info, default_run_name, job_from_config, launch, run_folder, summary_table
 from tvlt_core.train.tasks import TvpGroundingTask
 
 log = logging.getLogger("finetune_tvp")
@@ -132,11 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         model_config=cfg.model.build(vocab_size=tokenizer.vocab_size), tokenizer_dir=f"{folder}/tokenizer",
         max_text_length=cfg.text.max_text_length, init_from=cfg.checkpoint.init_from,
     )  # fmt: skip
-    job = TrainJob(
-        task=task, data=cfg.data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
-        parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=to_dict(cfg),
-        files={"config.yaml": dump(cfg).encode()}, dataset=dataset, work_dir=cfg.work_dir,
-    )  # fmt: skip
+    files = {"config.yaml": dump(cfg).encode()}
+    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files)
     write_resolved(cfg, folder)
     result = launch(job)
     print(summary_table(job, result.metrics or {}), flush=True)

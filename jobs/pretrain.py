@@ -28,7 +28,7 @@ from tvlt_core.train.config import (
     ScheduleConfig,
     TrackingConfig,
 )
-from tvlt_core.train.ray_job import TrainJob, dataset_info, default_run_name, launch, run_folder, summary_table
+from tvlt_core.train.ray_job import dataset_info, default_run_name, job_from_config, launch, run_folder, summary_table
 from tvlt_core.train.tasks import TvltPretrainTask
 
 log = logging.getLogger("pretrain")
@@ -87,18 +87,15 @@ class PretrainConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(PretrainConfig, argv, prog="pretrain", description=__doc__.split("\n\n")[0])
     run_name = cfg.tracking.run_name or default_run_name("tvlt-pretrain")
+    task = TvltPretrainTask(
+        model_config=cfg.model.build(), init_from=cfg.checkpoint.init_from, mismatch_prob=cfg.model.mismatch_prob
+    )
     try:
         dataset = dataset_info(cfg.data.manifest)
     except FileNotFoundError as e:
         raise ConfigError(f"pretrain: data.manifest {cfg.data.manifest}: no manifest.json there ({e})") from e
-    task = TvltPretrainTask(
-        model_config=cfg.model.build(), init_from=cfg.checkpoint.init_from, mismatch_prob=cfg.model.mismatch_prob
-    )
-    job = TrainJob(
-        task=task, data=cfg.data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
-        parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=to_dict(cfg),
-        files={"config.yaml": dump(cfg).encode()}, dataset=dataset, work_dir=cfg.work_dir,
-    )  # fmt: skip
+    files = {"config.yaml": dump(cfg).encode()}
+    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files)
     write_resolved(cfg, run_folder(cfg.checkpoint.storage_path, run_name))
     result = launch(job)
     print(summary_table(job, result.metrics or {}), flush=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Mapping
@@ -55,11 +56,31 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
-def resolve_model_uri(uri: str, work_dir: str = DEFAULT_WORK_DIR) -> str:
-    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> a local folder holding the registered files."""
-    import mlflow
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest))$")
 
-    return mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri(work_dir))
+
+def resolve_model_uri(uri: str, work_dir: str = DEFAULT_WORK_DIR) -> str:
+    """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/NAME/latest`` -> a local folder holding the
+    registered files, from the registry of ``tracking_uri(work_dir)``.
+
+    The version is looked up with a client naming that registry explicitly: MLflow's own ``models:/`` resolution
+    (``download_artifacts``, even given ``registry_uri``) asks the process-wide registry, which an earlier
+    ``mlflow.set_tracking_uri`` in the same process may have pointed at another store."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    match = _MODEL_URI.match(uri)
+    if match is None:
+        raise ValueError(f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
+    store = tracking_uri(work_dir)
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    name, alias, version = match["name"], match["alias"], match["version"]
+    if alias is not None:  # the registry resolves the reserved alias "latest" to the newest version itself
+        version = client.get_model_version_by_alias(name, alias).version
+    elif version == "latest":
+        version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    source = client.get_model_version_download_uri(name, str(version))
+    return mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store)
 
 
 def _experiment_id(client, name: str, artifact_location: str | None) -> str:

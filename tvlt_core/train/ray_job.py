@@ -60,6 +60,18 @@ class TrainJob:
     tracking_uri: str = ""  # resolved by launch() from the launching environment, so all ranks agree
 
 
+def job_from_config(
+    cfg, task: Task, run_name: str, *, dataset: DatasetInfo, config: dict[str, Any], files: dict[str, bytes]
+) -> TrainJob:
+    """A ``TrainJob`` from a job's config (any object with the data, optim, schedule, checkpoint, parallel, tracking
+    sections and ``work_dir``); ``config`` is the resolved config with secrets masked."""
+    return TrainJob(
+        task=task, data=cfg.data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
+        parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=config, files=files,
+        dataset=dataset, work_dir=cfg.work_dir,
+    )  # fmt: skip
+
+
 def default_run_name(prefix: str) -> str:
     """A new run's name when none is given: ``PREFIX-YYYYmmdd-HHMMSS`` (pass it again to resume that run)."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
