@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: demo test bench clean-work setup
+.PHONY: demo test test-slow clean-work setup
 
 setup: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo $(ARGS)
 
+# The fast tier (unit + integration on real local Ray, MLflow, moto S3, mp4s); what CI runs.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+# The slow end-to-end tier: the two-node / local-cluster tests, preprocessing kill-and-resume, the main job.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow $(ARGS)
 
 clean-work:
 	rm -rf work
