@@ -6,7 +6,7 @@ the synthetic corpus). The README's first command runs it:
 
 Stages, each a named function below, in order; outputs go under ``work_dir``:
     corpus      generate the synthetic audio-visual corpus (real h264/aac mp4 files, plus broken inputs)
-The stages still to come are listed in ``NEXT`` and printed at the end, so the command always says where it stops.
+The stages not yet wired in are listed in ``NEXT`` and printed at the end, so the command always says where it stops.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = stage_corpus(cfg.corpus, work)
     rows.append(("corpus", corpus.summary(), time.perf_counter() - start))
     print(summary_table(rows), flush=True)
-    print("\nnot built yet (the main job grows as they land):\n" + "\n".join(f"  - {n}" for n in NEXT), flush=True)
+    print("\nnot wired into the main job yet (each runs on its own; see README 'The jobs'):\n" + "\n".join(f"  - {n}" for n in NEXT), flush=True)
     return 0
 
 
