@@ -8,10 +8,11 @@
 The CUDA path (synchronised timing, CUDA allocator peaks, FLOP/s and MFU) has not run yet: no GPU was available
 when it was written. Add a case with a realistic GPU batch before using it there.
 
-Each (case, implementation) runs in fresh subprocesses that build the model (the reference, from ``transformers``,
-loads our freshly initialised weights by parameter name): one runs ``warmup`` untimed steps, then ``steps`` timed
-ones; another measures the memory of one step. A step is forward + backward + ``zero_grad(set_to_none=True)``, no
-optimizer. Masking noise is fixed and shared, so both implementations do the same work on the same patches.
+Per case, one fresh subprocess builds both implementations (the reference, from ``transformers``, loads our freshly
+initialised weights by parameter name), runs ``warmup`` untimed steps of each, then ``steps`` timed steps
+alternating ours / reference, so load from other work on the machine falls on both alike. Memory is measured in
+one more fresh subprocess per implementation, over its first step. A step is forward + backward +
+``zero_grad(set_to_none=True)``, no optimizer. Masking noise is fixed and shared: both do the same work.
 
 What the columns measure:
     step s      median wall time of the timed steps (best in brackets); speed-up = reference / ours, on medians
@@ -189,9 +190,7 @@ def _status_kib(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def worker(case: Case, impl: str, measure: str, device: torch.device, dtype: torch.dtype, count_flops: bool) -> dict:
-    """measure "time": {"times": [s, ...], "flops": per step or None}; "memory": {"peak_bytes": one step's peak}."""
-    model, step = BUILDERS[case.model](case, impl, device, dtype)
+def _stepper(model: torch.nn.Module, step: Callable, device: torch.device) -> Callable[[], None]:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def one_step():
@@ -199,44 +198,56 @@ def worker(case: Case, impl: str, measure: str, device: torch.device, dtype: tor
         model.zero_grad(set_to_none=True)
         sync()
 
-    if measure == "memory":
-        if device.type == "cuda":
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
-                f.write("5")
-            base = _status_kib("VmRSS") * 1024
-        one_step()
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") * 1024
-        return {"peak_bytes": peak - base}
-    flops = None
-    if count_flops:
-        from torch.utils.flop_counter import FlopCounterMode
+    return one_step
 
-        with FlopCounterMode(display=False) as counter:
+
+def measure_memory(case: Case, impl: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """{"peak_bytes": what the first step adds at its peak} for one implementation, alone in this process."""
+    one_step = _stepper(*BUILDERS[case.model](case, impl, device, dtype), device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # reset the peak RSS (VmHWM) to the current RSS
+            f.write("5")
+        base = _status_kib("VmRSS") * 1024
+    one_step()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _status_kib("VmHWM") * 1024
+    return {"peak_bytes": peak - base}
+
+
+def measure_time(case: Case, device: torch.device, dtype: torch.dtype, count_flops: bool) -> dict:
+    """{impl: {"times", "cpu_times", "flops"}}: both implementations in this process, timed steps alternating
+    between them, so load from other work on the machine falls on both alike."""
+    steppers = {impl: _stepper(*BUILDERS[case.model](case, impl, device, dtype), device) for impl in IMPLEMENTATIONS}
+    results = {impl: {"times": [], "cpu_times": [], "flops": None} for impl in IMPLEMENTATIONS}
+    for impl, one_step in steppers.items():
+        if count_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                one_step()
+            results[impl]["flops"] = counter.get_total_flops()
+        for _ in range(case.warmup):
             one_step()
-        flops = counter.get_total_flops()
-    for _ in range(case.warmup):
-        one_step()
-    times, cpu_times = [], []
     for _ in range(case.steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        one_step()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    return {"times": times, "cpu_times": cpu_times, "flops": flops}
+        for impl, one_step in steppers.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            one_step()
+            results[impl]["times"].append(time.perf_counter() - start)
+            results[impl]["cpu_times"].append(time.process_time() - cpu_start)
+    return results
 
 
-def run_worker(case: Case, impl: str, measure: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", impl, measure, "--cases", case.name, "--device", args.device]
+def run_worker(case: Case, measure: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", measure, "--cases", case.name, "--device", args.device]
     command += ["--dtype", args.dtype] + (["--threads", str(args.threads)] if args.threads else [])
     command += ["--flops"] if args.flops and measure == "time" else []
     # 64 KiB: tensors go to mmap and back to the system when freed, so the resident size follows live memory
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if measure == "memory" else None
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if measure != "time" else None
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"{case.name}/{impl}/{measure} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{case.name}/{measure} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -248,7 +259,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--flops", action="store_true", help="count FLOPs (one extra step per run)")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU, e.g. 989 (H100 bf16)")
-    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MEASURE"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("time",) + IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     by_name = {c.name: c for c in CASES}
     unknown = [n for n in args.cases.split(",") if n not in by_name]
@@ -260,8 +271,10 @@ def main(argv=None) -> None:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
     if args.worker:
-        impl, measure = args.worker
-        print(json.dumps(worker(cases[0], impl, measure, device, dtype, args.flops)))
+        if args.worker == "time":
+            print(json.dumps(measure_time(cases[0], device, dtype, args.flops)))
+        else:
+            print(json.dumps(measure_memory(cases[0], args.worker, device, dtype)))
         return
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
@@ -272,10 +285,9 @@ def main(argv=None) -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for case in cases:
-        results = {
-            impl: {**run_worker(case, impl, "time", args), **run_worker(case, impl, "memory", args)}
-            for impl in IMPLEMENTATIONS
-        }
+        results = run_worker(case, "time", args)
+        for impl in IMPLEMENTATIONS:
+            results[impl].update(run_worker(case, impl, args))
         median = {impl: statistics.median(r["times"]) for impl, r in results.items()}
         cpu = {impl: statistics.median(r["cpu_times"]) for impl, r in results.items()}
         for impl, r in results.items():
