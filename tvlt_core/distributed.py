@@ -84,18 +84,9 @@ def _reduce(value: torch.Tensor, op) -> torch.Tensor:
     return value
 
 
-def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise maximum over ranks (identity without a process group)."""
-    return _reduce(values.detach().clone(), dist.ReduceOp.MAX)
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (identity without a process group)."""
     return _reduce(values.detach().clone(), dist.ReduceOp.SUM)
-
-
-def all_ranks_true(flag: bool) -> bool:
-    """True when ``flag`` holds on every rank; every rank gets the same answer (a collective: all must call)."""
-    return bool(all_reduce_max(torch.tensor([0.0 if flag else 1.0]))[0] == 0.0)
 
 
 def all_gather_object(value):

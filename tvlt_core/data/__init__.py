@@ -2,7 +2,6 @@
 who reads what (``plan``), and the per-task batchers that turn decoded samples into model inputs (``batches``)."""
 
 from tvlt_core.data.batches import TvltBatcher, TvpBatcher
-from tvlt_core.data.plan import steps_per_epoch
 from tvlt_core.data.stream import Batcher, StreamingLoader
 
-__all__ = ["Batcher", "StreamingLoader", "TvltBatcher", "TvpBatcher", "steps_per_epoch"]
+__all__ = ["Batcher", "StreamingLoader", "TvltBatcher", "TvpBatcher"]
