@@ -2,7 +2,7 @@
 and moto's S3 server: ZeRO-2 on uneven shards then relaunched to resume, ZeRO-3 with a worker killed mid-run on
 s3:// shards and storage, TVP fine-tuning from a Hugging Face folder. Each job is bounded by a timeout.
 
-    .venv/bin/python -m pytest tests/test_train_jobs.py -q      # a few minutes on 2 cores
+    .venv/bin/python -m pytest tests/test_train_jobs.py -q      # a few minutes on 2 cores (-m slow: the kill test)
 """
 
 from __future__ import annotations
@@ -202,6 +202,7 @@ def ray_train_workers(root_pid: int) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow  # its own Ray, an MLflow server, and a whole worker group started twice
 def test_a_killed_worker_restarts_the_group_from_the_checkpoint(
     s3_endpoint, mlflow_server, shard_writer, tmp_path, monkeypatch
 ):
