@@ -27,14 +27,7 @@ from tvlt_core.data.stream import read_shard
 from tvlt_core.models.tvp import TVP_PRESETS, TvpConfig
 from tvlt_core.text import TextTokenizer, build_vocab
 from tvlt_core.tracking import resolve_model_uri
-from tvlt_core.train.config import (
-    CheckpointConfig,
-    DataConfig,
-    OptimConfig,
-    ParallelConfig,
-    ScheduleConfig,
-    TrackingConfig,
-)
+from tvlt_core.train.config import TrackingConfig, TrainingConfig
 from tvlt_core.train.ray_job import dataset_info, default_run_name, job_from_config, launch, run_folder, summary_table
 from tvlt_core.train.tasks import TvpGroundingTask
 
@@ -68,18 +61,12 @@ class TextSection:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainingConfig):
     model: TvpModelSection = field(default_factory=TvpModelSection)
     text: TextSection = field(default_factory=TextSection)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(
         default_factory=lambda: TrackingConfig(experiment="tvp-grounding", registered_model="tvp-grounding")
     )
-    work_dir: str = "work"
 
     def __post_init__(self):
         if not self.data.manifest:

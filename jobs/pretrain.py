@@ -20,14 +20,7 @@ from typing import Literal
 from jobs.cli import run
 from jobs.config import ConfigError, dump, parse, to_dict, write_resolved
 from tvlt_core.models.tvlt import TVLT_PRESETS, TvltConfig
-from tvlt_core.train.config import (
-    CheckpointConfig,
-    DataConfig,
-    OptimConfig,
-    ParallelConfig,
-    ScheduleConfig,
-    TrackingConfig,
-)
+from tvlt_core.train.config import TrackingConfig, TrainingConfig
 from tvlt_core.train.ray_job import dataset_info, default_run_name, job_from_config, launch, run_folder, summary_table
 from tvlt_core.train.tasks import TvltPretrainTask
 
@@ -62,17 +55,11 @@ class TvltModelSection:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(TrainingConfig):
     model: TvltModelSection = field(default_factory=TvltModelSection)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(
         default_factory=lambda: TrackingConfig(experiment="tvlt-pretrain", registered_model="tvlt-pretrain")
     )
-    work_dir: str = "work"  # local MLflow (sqlite + artifacts) when MLFLOW_TRACKING_URI is unset
 
     def __post_init__(self):
         if not self.data.manifest:

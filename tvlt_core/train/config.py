@@ -133,3 +133,17 @@ class TrackingConfig:
                 "tracking.aliases: 'latest' is reserved by MLflow and always resolves to the newest version "
                 "(models:/NAME@latest); list only other aliases"
             )
+
+
+@dataclass
+class TrainingConfig:
+    """The sections every training job has. A job subclasses it, adds its ``model`` section (and any other of its
+    own) and sets its ``tracking`` defaults; ``tvlt_core.train.ray_job.job_from_config`` reads these sections."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    work_dir: str = "work"  # local MLflow (sqlite + artifacts) when MLFLOW_TRACKING_URI is unset

@@ -35,6 +35,7 @@ from tvlt_core.train.config import (
     ParallelConfig,
     ScheduleConfig,
     TrackingConfig,
+    TrainingConfig,
 )
 from tvlt_core.train.tasks import Task
 
@@ -61,10 +62,10 @@ class TrainJob:
 
 
 def job_from_config(
-    cfg, task: Task, run_name: str, *, dataset: DatasetInfo, config: dict[str, Any], files: dict[str, bytes]
-) -> TrainJob:
-    """A ``TrainJob`` from a job's config (any object with the data, optim, schedule, checkpoint, parallel, tracking
-    sections and ``work_dir``); ``config`` is the resolved config with secrets masked."""
+    cfg: TrainingConfig, task: Task, run_name: str, *, dataset: DatasetInfo, config: dict[str, Any],
+    files: dict[str, bytes],
+) -> TrainJob:  # fmt: skip
+    """A ``TrainJob`` from a job's config; ``config`` is the resolved config with secrets masked."""
     return TrainJob(
         task=task, data=cfg.data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
         parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=config, files=files,
