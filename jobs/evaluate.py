@@ -78,7 +78,7 @@ class Evaluation:
 
         self.cfg, self.dataset, self.data = cfg, dataset, local_or_url(cfg.data)
         self.tracking_uri = tracking_uri(cfg.work_dir)
-        self.client = MlflowClient(self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.digest = data_digest(dataset, dataclasses.asdict(cfg.eval))
 
     def run(self, ref: ModelRef) -> tuple[Report, str]:

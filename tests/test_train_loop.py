@@ -52,6 +52,21 @@ def test_bad_parallel_settings_name_the_field():
         TrackingConfig(aliases=["Latest"])
 
 
+def test_a_tracker_leaves_later_jobs_in_this_process_their_own_store(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a second job in the same process (tests, a notebook)
+    must still track and register into its own work folder, not the first job's."""
+    from tvlt_core.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = RunTracker.start(experiment="a", run_name="a", params={}, system_metrics=False, work_dir=str(tmp_path / "a"))
+    first.end()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    second = RunTracker.start(experiment="b", run_name="b", params={}, system_metrics=False, work_dir=str(tmp_path / "b"))
+    second.end()
+    assert tracking_uri(str(tmp_path / "b")) == f"sqlite:///{(tmp_path / 'b').resolve()}/mlflow.db"
+    assert second.client.get_run(second.run_id).info.artifact_uri.startswith((tmp_path / "b").resolve().as_uri())
+
+
 def test_checkpoint_loading_never_unpickles_code(tmp_path):
     class Exploit:
         def __reduce__(self):

@@ -146,8 +146,16 @@ class RunTracker:
         from mlflow import MlflowClient
 
         uri = tracking_uri(work_dir)
+        # the fluent run below (system metrics) needs the process-wide URI; MLflow also exports it as
+        # MLFLOW_TRACKING_URI, which would make every later tracking_uri(work_dir) in this process answer this
+        # store, so the variable is put back as it was
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
-        client = MlflowClient(uri)
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         experiment_id = _experiment_id(client, experiment, _artifact_location(uri, experiment))
         params = flatten(redact(dict(params)))
         runs = client.search_runs(
