@@ -200,6 +200,9 @@ def test_promotion_only_on_improvement(tmp_path, monkeypatch, grounding_shards, 
     bad = register(work, tvp_folder(tmp_path / "bad", grounding_sentences, (0.0, 0.05)), name)  # IoU 0
     good = register(work, tvp_folder(tmp_path / "good", grounding_sentences, (0.15, 0.85)), name)  # IoU > 0.7
     fair = register(work, tvp_folder(tmp_path / "fair", grounding_sentences, (0.3, 0.6)), name)  # IoU about 0.4
+    # evaluation must not lean on MLflow's process-wide URI: in the main job other processes (the Ray Train
+    # workers) registered the models, and this process's MLflow points at its default store
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", f"sqlite:///{tmp_path}/elsewhere.db")
 
     def evaluate_version(version: str, data: str = grounding_shards, *extra: str) -> None:
         argv = ["--model", f"models:/{name}/{version}", "--data", data, "--work_dir", work, "--promote", "champion"]

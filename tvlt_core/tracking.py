@@ -59,9 +59,9 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest))$")
 
 
-def resolve_model_uri(uri: str, work_dir: str = DEFAULT_WORK_DIR) -> str:
+def resolve_model_uri(uri: str, work_dir: str = DEFAULT_WORK_DIR, *, store: str = "") -> str:
     """``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or ``models:/NAME/latest`` -> a local folder holding the
-    registered files, from the registry of ``tracking_uri(work_dir)``.
+    registered files, from the registry at ``store`` (default: ``tracking_uri(work_dir)``).
 
     The version is looked up with a client naming that registry explicitly: MLflow's own ``models:/`` resolution
     (``download_artifacts``, even given ``registry_uri``) asks the process-wide registry, which an earlier
@@ -72,7 +72,7 @@ def resolve_model_uri(uri: str, work_dir: str = DEFAULT_WORK_DIR) -> str:
     match = _MODEL_URI.match(uri)
     if match is None:
         raise ValueError(f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
-    store = tracking_uri(work_dir)
+    store = store or tracking_uri(work_dir)
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     name, alias, version = match["name"], match["alias"], match["version"]
     if alias is not None:  # the registry resolves the reserved alias "latest" to the newest version itself

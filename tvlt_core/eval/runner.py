@@ -39,11 +39,7 @@ def model_folder(model_uri: str, tracking_uri: str = "") -> str:
     ``tracking_uri`` (default: ``MLFLOW_TRACKING_URI`` or the local sqlite database)."""
     if not model_uri.startswith("models:/"):
         return model_uri
-    if not tracking_uri:
-        return resolve_model_uri(model_uri)
-    import mlflow
-
-    return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri)
+    return resolve_model_uri(model_uri, store=tracking_uri)
 
 
 def model_type(folder: str) -> str:
