@@ -39,13 +39,31 @@ class TvpModelSection:
     """Size preset and loss weights (sizes are ignored with ``checkpoint.init_from``: it brings its config)."""
 
     preset: Literal["tiny", "base"] = "tiny"
+    # Input shape, 0 = the preset's: frames per video (sampled from the stored ones), the padded square frame
+    # side, and the width of the visual prompt's frame border.
+    num_frames: int = 0
+    max_img_size: int = 0
+    visual_prompt_size: int = 0
     distance_loss_weight: float = 1.0
     duration_loss_weight: float = 0.1
+    # The reference's floors under the distance and length terms leave a model trained from scratch with no
+    # gradient once its start passes its end (see tvlt_core.models.tvp.tvp_loss); 0 keeps a gradient everywhere.
+    distance_loss_floor: float = 0.2
+    duration_loss_floor: float = 0.4
+
+    def __post_init__(self):
+        if self.distance_loss_floor < 0 or self.duration_loss_floor < 0:
+            raise ValueError("model.distance_loss_floor and model.duration_loss_floor must be >= 0")
+        for name in ("num_frames", "max_img_size", "visual_prompt_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 1 (or 0 for the preset's), got {getattr(self, name)}")
 
     def build(self, vocab_size: int) -> TvpConfig:
+        shape = {k: getattr(self, k) for k in ("num_frames", "max_img_size", "visual_prompt_size") if getattr(self, k)}
         return TVP_PRESETS[self.preset](
             distance_loss_weight=self.distance_loss_weight, duration_loss_weight=self.duration_loss_weight,
-            vocab_size=vocab_size,
+            distance_loss_floor=self.distance_loss_floor, duration_loss_floor=self.duration_loss_floor,
+            vocab_size=vocab_size, **shape,
         )  # fmt: skip
 
 

@@ -184,6 +184,19 @@ def test_loss_is_the_reference_loss_per_sample():
         assert rel_err(per_sample[i], expected[0]) < 1e-6
 
 
+def test_loss_floors_of_zero_keep_a_gradient_where_the_reference_loss_has_none():
+    # a collapsed prediction (start after end) near the true midpoint: no overlap, distance under the 0.2 floor,
+    # length difference under the 0.4 floor
+    labels = torch.tensor([[24.5, 9.9, 14.7]])
+    logits = torch.tensor([[0.51, 0.49]], requires_grad=True)
+    tvp_loss(logits, labels, 1.0, 0.1).sum().backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    logits.grad = None
+    tvp_loss(logits, labels, 1.0, 0.1, distance_floor=0.0, duration_floor=0.0).sum().backward()
+    assert logits.grad.abs().min() > 0
+    assert logits.grad[0, 1] < logits.grad[0, 0], "descent must lengthen the segment (end - start grows)"
+
+
 # ------------------------------------------------------------------------------------------------------ batching
 def test_batch_equals_samples_one_by_one():
     config = small_config()

@@ -58,6 +58,10 @@ class TvpConfig:
     backbone_config: ResNetConfig = field(default_factory=resnet50_config)
     distance_loss_weight: float = 1.0
     duration_loss_weight: float = 0.1
+    # Ours, not the reference's (absent from its config.json, so its defaults are the reference's loss): the floors
+    # under the distance and length terms. See ``tvp_loss``.
+    distance_loss_floor: float = 0.2
+    duration_loss_floor: float = 0.4
     visual_prompter_type: Literal["framepad", "framedownpad"] = "framepad"
     visual_prompter_apply: Literal["add", "replace", "remove"] = "replace"
     visual_prompt_size: int = 96
@@ -128,7 +132,8 @@ class TvpConfig:
 # Helpers: the loss
 # --------------------------------------------------------------------------------------------------------------------
 def tvp_loss(
-    logits: torch.Tensor, labels: torch.Tensor, distance_weight: float = 1.0, duration_weight: float = 0.1
+    logits: torch.Tensor, labels: torch.Tensor, distance_weight: float = 1.0, duration_weight: float = 0.1,
+    distance_floor: float = 0.2, duration_floor: float = 0.4,
 ) -> torch.Tensor:
     """Temporal-distance IoU loss of each sample, in fp32.
 
@@ -136,9 +141,15 @@ def tvp_loss(
         logits: (B, 2) predicted (start, end) as fractions of the duration.
         labels: (B, 3) (duration, start, end) in seconds.
     Returns:
-        (B,) ``(1 - IoU) + distance_weight * max(|mid_pred - mid_gt| / duration, 0.2)
-        + duration_weight * max(((len_pred - len_gt) / duration) ** 2, 0.4)``, as the reference's ``TvpLoss``.
-        IoU's union is the hull ``max(ends) - min(starts)`` (the true union whenever the segments overlap).
+        (B,) ``(1 - IoU) + distance_weight * max(|mid_pred - mid_gt| / duration, distance_floor)
+        + duration_weight * max(((len_pred - len_gt) / duration) ** 2, duration_floor)``; with the default floors
+        (0.2, 0.4) exactly the reference's ``TvpLoss``. IoU's union is the hull ``max(ends) - min(starts)`` (the true
+        union whenever the segments overlap).
+
+    The reference's floors stop the gradient of the distance term once the midpoints are within a fifth of the
+    duration, and of the length term unless the lengths differ by more than 63% of it; with no overlap the IoU term
+    has none either. A model trained from scratch whose start passes its end then gets no gradient at all and stays
+    there (fine-tuning a pretrained model rarely starts there). Floors of 0 keep a gradient everywhere.
     """
     if labels.dim() != 2 or labels.shape[-1] != 3 or labels.shape[0] != logits.shape[0]:
         raise ValueError(
@@ -149,8 +160,8 @@ def tvp_loss(
     inter = torch.minimum(pred_end, end) - torch.maximum(pred_start, start)
     hull = torch.maximum(pred_end, end) - torch.minimum(pred_start, start)
     iou_term = 1 - inter.clamp(min=0) / hull
-    distance = ((pred_start + pred_end) / 2 - (start + end) / 2).abs().div(duration).clamp(min=0.2)
-    length = ((pred_end - pred_start) - (end - start)).div(duration).square().clamp(min=0.4)
+    distance = ((pred_start + pred_end) / 2 - (start + end) / 2).abs().div(duration).clamp(min=distance_floor)
+    length = ((pred_end - pred_start) - (end - start)).div(duration).square().clamp(min=duration_floor)
     return iou_term + distance_weight * distance + duration_weight * length
 
 
@@ -570,7 +581,9 @@ class TvpForVideoGrounding(_TvpPretrained):
         loss = None
         if labels is not None:
             c = self.config
-            loss = tvp_loss(logits, labels, c.distance_loss_weight, c.duration_loss_weight).mean()
+            loss = tvp_loss(
+                logits, labels, c.distance_loss_weight, c.duration_loss_weight, c.distance_loss_floor, c.duration_loss_floor
+            ).mean()
         return TvpVideoGroundingOutput(**vars(out), logits=logits, loss=loss)
 
 
