@@ -71,10 +71,11 @@ SENTENCES = ["the red circle moves left", "a blue square appears", "the green tr
 
 
 def write_shards(folder, counts, *, frames=4, size=32, mel_lengths=(24, 40), silent_every=0, corrupt=(), seed=0,
-                 grounding=False):
+                 grounding=False, clips_per_video=1):
     """Write a manifest and tar shards of synthetic samples (the shard contract) to a local folder or fsspec URL.
 
-    Pretraining: sample ``n`` (over all shards) gets mel length ``mel_lengths[n % len]``. Grounding: frames of
+    Pretraining: sample ``n`` (over all shards) gets mel length ``mel_lengths[n % len]`` and is clip
+    ``n % clips_per_video`` of video ``n // clips_per_video``. Grounding: frames of
     ``size`` x ``size * 3 // 4`` (longest edge first, unpadded, like the preprocessor) and two queries per video.
     Returns the folder URL."""
     url = str(folder).rstrip("/")
@@ -102,7 +103,7 @@ def write_shards(folder, counts, *, frames=4, size=32, mel_lengths=(24, 40), sil
                     mel = None
                 else:
                     mel = rng.uniform(-1, 1, (mel_lengths[n % len(mel_lengths)], 128))
-                sample = shards.encode_sample(shards.sample_key(f"file:///v{n}.mp4", 0), video, record, mel=mel)
+                sample = shards.encode_sample(shards.sample_key(f"file:///v{n // clips_per_video}.mp4", n % clips_per_video), video, record, mel=mel)
                 if n in corrupt:
                     sample[shards.frame_ext(0)] = b"not a jpeg"
                 sink.write(sample)

@@ -40,11 +40,11 @@ def tvlt_folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def pretrain_shards(tmp_path_factory) -> str:
-    """Two shards (7 and 5 clips) of the shard contract; the third clip has no audio."""
+    """Two shards (7 and 5 clips, two clips a video) of the shard contract; clips 0 and 11 have no audio."""
     from conftest import write_shards
 
     return write_shards(tmp_path_factory.mktemp("pt"), [7, 5], frames=TVLT_FRAMES, size=TVLT_SIZE,
-                        mel_lengths=(40, 64, 24), silent_every=11)  # fmt: skip
+                        mel_lengths=(40, 64, 24), silent_every=11, clips_per_video=2)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +157,12 @@ def test_tvlt_reconstruction_and_matching_are_the_models(tvlt_folder, pretrain_s
     torch.testing.assert_close(scores.diagonal(), out.matching_logits.view(-1), rtol=1e-4, atol=1e-5)  # true pairs
 
     report = TvltEvaluator.summarize([part], settings)
+    # each audio's negative: the next clip (cyclically) cut from another video
+    sources = [key.rsplit("_", 1)[0] for key in batch["keys"]]
+    assert len(set(sources)) > 1 and any(a == b for a, b in zip(sources, sources[1:])), "the shard should mix both"
+    negative = [next((i + d) % 6 for d in range(1, 6) if sources[(i + d) % 6] != sources[i]) for i in range(6)]
     assert report.value("matching_accuracy") == metrics.matching_accuracy(
-        torch.cat([scores.diagonal(), scores[torch.arange(6), (torch.arange(6) + 1) % 6]]), torch.tensor([1] * 6 + [0] * 6))
+        torch.cat([scores.diagonal(), scores[torch.arange(6), negative]]), torch.tensor([1] * 6 + [0] * 6))
     assert report.row("a2v_r1").references["chance"] == pytest.approx(1 / 6)
     assert report.row("pixel_mse").references["mean-fill"] > 0 and not report.row("pixel_mse").higher_is_better
 

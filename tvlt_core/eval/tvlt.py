@@ -13,8 +13,12 @@ count split evenly, so no gallery is left with a handful). Per gallery of G clip
 Metrics over the whole set (``summarize``):
 
     pixel_mse, audio_mse      summed squared error / removed patches, as the training loss averages; vs mean-fill
-    matching_accuracy         logit > 0 on a balanced set: every true pair and, per audio, the next clip's video
-    matching_roc_auc          true pairs against every wrong pair of their gallery
+    matching_accuracy         logit > 0 on a balanced set: every true pair and, per audio, the video of the next
+                              clip of another source video in the gallery (a clip of the same video shows the same
+                              content, so it is no clear negative; the plain next clip when the gallery has one
+                              source)
+    matching_roc_auc          true pairs against every pair of clips of different source videos in their gallery
+                              (every wrong pair when the gallery has one source)
     a2v_r1, a2v_r5, a2v_r10   the audio's own video among the gallery's G videos ranked by matching logit;
                               chance is min(k, G) / G
 
@@ -109,7 +113,7 @@ class TvltEvaluator:
     @torch.no_grad()
     def evaluate_unit(self, unit: EvalUnit) -> dict[str, Any]:
         """Per clip reconstruction sums and per gallery score matrices, as plain lists."""
-        keys, pixel, audio, scores, skipped = [], [], [], [], []
+        keys, pixel, audio, scores, sources, skipped = [], [], [], [], [], []
         for gallery in self.galleries(unit, skipped):
             batch = self.batcher.collate(gallery, random.Random(0))
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -120,12 +124,14 @@ class TvltEvaluator:
                 audio.append(audio_sums)
             if self.model.config.task_matching and len(gallery) >= 2:
                 scores.append(self.score_matrix(batch).tolist())
+                sources.append([source_of(k) for k in batch["keys"]])
         return {
             "unit": unit.index,
             "keys": keys,
             "pixel": torch.cat(pixel).tolist() if pixel else [],
             "audio": torch.cat(audio).tolist() if audio else [],
             "scores": scores,
+            "sources": sources,
             "skipped": len(skipped),
         }
 
@@ -181,7 +187,7 @@ class TvltEvaluator:
                                 {"mean-fill": float(sums[2] / sums[1])}, higher_is_better=False))  # fmt: skip
         matrices = [torch.tensor(m, dtype=torch.float64) for p in parts for m in p["scores"]]
         if matrices:
-            rows += matching_rows(matrices)
+            rows += matching_rows(matrices, [s for p in parts for s in p["sources"]])
         clips = sum(len(p["keys"]) for p in parts)
         if not rows:
             raise ValueError(f"nothing to evaluate: {clips} clips with audio, none scored (is the model pretrained "
@@ -191,16 +197,34 @@ class TvltEvaluator:
         return Report("tvlt-pretrain", rows, dict(REFERENCES), counts, primary)
 
 
-def matching_rows(matrices: list[torch.Tensor]) -> list[Row]:
-    """Matching accuracy and ROC-AUC, and audio-to-video R@k, from the (G, G) score matrices of the galleries."""
+def source_of(key: str) -> str:
+    """The source video of a clip, from its sample key ``<source id>_<clip index>``."""
+    return key.rsplit("_", 1)[0]
+
+
+def negative_pairs(sources: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a gallery's clips: (G,) the video index paired with each audio as its negative (the next clip of another
+    source, cyclically; the next clip when all share one source), and the (G, G) mask of negative pairs for ROC-AUC
+    (clips of different sources; every off-diagonal pair when all share one source)."""
+    g = len(sources)
+    other = torch.tensor([[a != b for b in sources] for a in sources], dtype=torch.bool)
+    if not other.any():
+        return (torch.arange(g) + 1) % g, ~torch.eye(g, dtype=torch.bool)
+    nxt = [next(((i + d) % g for d in range(1, g) if other[i, (i + d) % g]), (i + 1) % g) for i in range(g)]
+    return torch.tensor(nxt), other
+
+
+def matching_rows(matrices: list[torch.Tensor], sources: list[list[str]]) -> list[Row]:
+    """Matching accuracy and ROC-AUC, and audio-to-video R@k, from the (G, G) score matrices of the galleries and
+    the source video of each gallery clip."""
     logits, labels, positives, negatives, ranks, sizes = [], [], [], [], [], []
-    for m in matrices:
+    for m, gallery_sources in zip(matrices, sources, strict=True):
         g = m.shape[0]
-        diagonal = torch.eye(g, dtype=torch.bool)
-        logits += [m.diagonal(), m[torch.arange(g), (torch.arange(g) + 1) % g]]
+        negative, wrong = negative_pairs(gallery_sources)
+        logits += [m.diagonal(), m[torch.arange(g), negative]]
         labels += [torch.ones(g), torch.zeros(g)]
-        positives.append(m[diagonal])
-        negatives.append(m[~diagonal])
+        positives.append(m.diagonal())
+        negatives.append(m[wrong])
         ranks.append(metrics.target_ranks(m, torch.arange(g)))
         sizes += [g] * g
     accuracy = metrics.matching_accuracy(torch.cat(logits), torch.cat(labels))
