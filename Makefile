@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: demo test test-slow clean-work setup
+.PHONY: demo test test-fast test-slow clean-work setup
 
 setup: $(STAMP)
 
@@ -21,11 +21,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo $(ARGS)
 
-# The fast tier (unit + integration on real local Ray, MLflow, moto S3, mp4s); what CI runs.
+# Every test, both tiers (about 18 minutes on 2 cores); what CI runs.
 test: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+# The fast tier alone (unit + integration on real local Ray, MLflow, moto S3, mp4s; about 4 minutes).
+test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
-# The slow end-to-end tier: the two-node / local-cluster tests, preprocessing kill-and-resume, the main job.
+# The slow end-to-end tier alone: the two-node / local-cluster tests, preprocessing kill-and-resume, the main job
+# (about 13 minutes).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
 

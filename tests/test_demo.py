@@ -3,7 +3,7 @@ preprocess, pretrain, vocabulary, fine-tune, evaluate from the registry), then a
 redoes nothing. Real Ray, DeepSpeed, MLflow (sqlite) and videos; nothing is mocked. Whether the models learn is the
 full main job's business (its table is in the README); here every stage must run and leave its traces.
 
-    .venv/bin/python -m pytest tests/test_demo.py -q -m slow      # about 4 minutes on 2 cores
+    .venv/bin/python -m pytest tests/test_demo.py -q -m slow      # 4-8 minutes on 2 cores
 """
 
 from __future__ import annotations
