@@ -49,7 +49,7 @@ def tracking_uri(work_dir: str = DEFAULT_WORK_DIR) -> str:
     return f"sqlite:///{folder}/mlflow.db"
 
 
-def _artifact_location(uri: str, experiment: str) -> str | None:
+def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts of a sqlite-backed experiment go beside the database file; a server chooses its own."""
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts" / experiment).as_uri()
@@ -83,7 +83,7 @@ def resolve_model_uri(uri: str, work_dir: str = DEFAULT_WORK_DIR, *, store: str 
     return mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store)
 
 
-def _experiment_id(client, name: str, artifact_location: str | None) -> str:
+def ensure_experiment(client, name: str, location: str | None) -> str:
     """The experiment's id, created when missing (another job creating it at the same moment is fine)."""
     from mlflow.exceptions import MlflowException
 
@@ -91,7 +91,7 @@ def _experiment_id(client, name: str, artifact_location: str | None) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=location)
     except MlflowException:
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -156,7 +156,7 @@ class RunTracker:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        experiment_id = _experiment_id(client, experiment, _artifact_location(uri, experiment))
+        experiment_id = ensure_experiment(client, experiment, artifact_location(uri, experiment))
         params = flatten(redact(dict(params)))
         runs = client.search_runs(
             [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=2

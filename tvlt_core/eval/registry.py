@@ -31,7 +31,7 @@ from typing import Any
 
 from tvlt_core.eval.report import Report
 from tvlt_core.redaction import redact
-from tvlt_core.tracking import DatasetInfo, _artifact_location, flatten
+from tvlt_core.tracking import DatasetInfo, artifact_location, ensure_experiment, flatten
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,6 @@ def data_digest(dataset: DatasetInfo, settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _experiment_id(client, name: str, work_dir: str) -> str:
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name))
-
-
 def log_evaluation(client, report: Report, ref: ModelRef, *, dataset: DatasetInfo, params: Mapping[str, Any],
                    digest: str, experiment: str, work_dir: str) -> str:  # fmt: skip
     """One evaluation run for ``report`` of ``ref`` on ``dataset``; tags the registered version. Returns the run id."""
@@ -97,7 +90,8 @@ def log_evaluation(client, report: Report, ref: ModelRef, *, dataset: DatasetInf
             "mlflow.note.content": f"Evaluation of {ref.describe()} on `{redact(dataset.manifest_url)}`\n\n```\n"
                                    f"{report.table()}\n```\n"}  # fmt: skip
     name = f"eval-{ref.name}-v{ref.version}" if ref.registered else f"eval-{Path(ref.uri.rstrip('/')).name}"
-    run_id = client.create_run(_experiment_id(client, experiment, work_dir), run_name=name, tags=tags).info.run_id
+    experiment_id = ensure_experiment(client, experiment, artifact_location(client.tracking_uri, experiment))
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     values = flatten(redact(dict(params)))
     client.log_batch(run_id, params=[Param(k, v) for k, v in values.items()])
     client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in report.metrics().items() if math.isfinite(v)])
