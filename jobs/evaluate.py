@@ -88,7 +88,7 @@ class Evaluation:
         if self.cfg.tracking.log:
             params = {**to_dict(self.cfg), "model": ref.uri, "model_version": ref.version or "-"}
             run_id = log_evaluation(self.client, report, ref, dataset=self.dataset, params=params, digest=self.digest,
-                                    experiment=self.cfg.tracking.experiment, work_dir=self.cfg.work_dir)  # fmt: skip
+                                    experiment=self.cfg.tracking.experiment)  # fmt: skip
         return report, run_id
 
     def holder_value(self, holder: ModelRef, metric: str) -> float:

@@ -65,6 +65,11 @@ def sample_key(uri: str, clip_index: int) -> str:
     return f"{source_id(uri)}_{clip_index:04d}"
 
 
+def key_source(key: str) -> str:
+    """The source id of a sample key (``sample_key``'s inverse, less the clip index)."""
+    return key.rsplit("_", 1)[0]
+
+
 def recipe_hash(recipe: dict[str, Any]) -> str:
     """Hash of the preprocessing recipe (canonical JSON): samples made by different recipes never mix silently."""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]

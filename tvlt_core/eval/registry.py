@@ -1,7 +1,7 @@
 """The MLflow side of an evaluation: which registered version a URI names, the evaluation run, promotion by alias.
 
     ref = resolve_ref("models:/tvp-grounding@champion", client)      # pinned: models:/tvp-grounding/3
-    run_id = log_evaluation(client, report, ref, data=..., params=..., experiment="evaluation", work_dir="work")
+    run_id = log_evaluation(client, report, ref, data=..., params=..., experiment="evaluation")
     decision = promote(client, ref, report, "champion", "r1_iou0.5", incumbent_value)
 
 An evaluation run holds the settings (params), the data (an MLflow dataset input with context "evaluation"), every
@@ -79,7 +79,7 @@ def data_digest(dataset: DatasetInfo, settings: Mapping[str, Any]) -> str:
 
 
 def log_evaluation(client, report: Report, ref: ModelRef, *, dataset: DatasetInfo, params: Mapping[str, Any],
-                   digest: str, experiment: str, work_dir: str) -> str:  # fmt: skip
+                   digest: str, experiment: str) -> str:  # fmt: skip
     """One evaluation run for ``report`` of ``ref`` on ``dataset``; tags the registered version. Returns the run id."""
     from mlflow.entities import DatasetInput, InputTag, Metric, Param
     from mlflow.data.dataset_source_registry import resolve_dataset_source

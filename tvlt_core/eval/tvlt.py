@@ -124,7 +124,7 @@ class TvltEvaluator:
                 audio.append(audio_sums)
             if self.model.config.task_matching and len(gallery) >= 2:
                 scores.append(self.score_matrix(batch).tolist())
-                sources.append([source_of(k) for k in batch["keys"]])
+                sources.append([shards.key_source(k) for k in batch["keys"]])
         return {
             "unit": unit.index,
             "keys": keys,
@@ -197,11 +197,6 @@ class TvltEvaluator:
         return Report("tvlt-pretrain", rows, dict(REFERENCES), counts, primary)
 
 
-def source_of(key: str) -> str:
-    """The source video of a clip, from its sample key ``<source id>_<clip index>``."""
-    return key.rsplit("_", 1)[0]
-
-
 def negative_pairs(sources: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """For a gallery's clips: (G,) the video index paired with each audio as its negative (the next clip of another
     source, cyclically; the next clip when all share one source), and the (G, G) mask of negative pairs for ROC-AUC
@@ -210,7 +205,7 @@ def negative_pairs(sources: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     other = torch.tensor([[a != b for b in sources] for a in sources], dtype=torch.bool)
     if not other.any():
         return (torch.arange(g) + 1) % g, ~torch.eye(g, dtype=torch.bool)
-    nxt = [next(((i + d) % g for d in range(1, g) if other[i, (i + d) % g]), (i + 1) % g) for i in range(g)]
+    nxt = [next((i + d) % g for d in range(1, g) if other[i, (i + d) % g]) for i in range(g)]  # each has one
     return torch.tensor(nxt), other
 
 
