@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tvlt_core import audio as tvlt_audio
+from tvlt_core import recipe  # torch-free: the Ray workers that import this config need not import torch
 from tvlt_core import shards
-from tvlt_core.video import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES
+from tvlt_core.recipe import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES
 
 # The longest clip whose spectrogram fits the model: 2048 frames of 512 samples at 44.1 kHz (about 23.8 s).
-MAX_CLIP_S = tvlt_audio.MAX_FRAMES * tvlt_audio.HOP_LENGTH / tvlt_audio.SAMPLE_RATE
+MAX_CLIP_S = recipe.MAX_FRAMES * recipe.HOP_LENGTH / recipe.SAMPLE_RATE
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 
 
@@ -73,14 +73,14 @@ class ClipConfig:
         if not 0 < self.length_s <= MAX_CLIP_S + 1e-9:
             raise ValueError(
                 f"clips.length_s={self.length_s}: must be in (0, {MAX_CLIP_S:.3f}] s, the longest audio a "
-                f"{tvlt_audio.MAX_FRAMES}-frame spectrogram holds"
+                f"{recipe.MAX_FRAMES}-frame spectrogram holds"
             )
         if self.stride_s <= 0:
             raise ValueError(f"clips.stride_s={self.stride_s}: must be > 0")
         if not 0 < self.min_length_s <= self.length_s:
             raise ValueError(f"clips.min_length_s={self.min_length_s}: must be in (0, clips.length_s]")
         # A log-mel frame needs more than N_FFT / 2 samples at 44.1 kHz (reflect padding).
-        shortest = (tvlt_audio.N_FFT // 2 + 1) / tvlt_audio.SAMPLE_RATE
+        shortest = (recipe.N_FFT // 2 + 1) / recipe.SAMPLE_RATE
         if self.min_length_s < shortest:
             raise ValueError(f"clips.min_length_s={self.min_length_s}: a spectrogram needs at least {shortest:.3f} s")
         if self.frames < 1 or self.size < 16:
@@ -187,8 +187,8 @@ class PreprocessConfig:
                   "frame_sampling": "segment-centre", "resize": "PIL-bilinear"}
         if self.mode == "grounding":
             return {**common, "frames": self.grounding.frames, "longest_edge": self.grounding.size}
-        mel = {"sample_rate": tvlt_audio.SAMPLE_RATE, "n_fft": tvlt_audio.N_FFT, "hop": tvlt_audio.HOP_LENGTH,
-               "mel_bins": tvlt_audio.NUM_MEL_BINS, "max_frames": tvlt_audio.MAX_FRAMES, "dtype": "float16"}
+        mel = {"sample_rate": recipe.SAMPLE_RATE, "n_fft": recipe.N_FFT, "hop": recipe.HOP_LENGTH,
+               "mel_bins": recipe.NUM_MEL_BINS, "max_frames": recipe.MAX_FRAMES, "dtype": "float16"}
         clips = {"length_s": self.clips.length_s, "stride_s": self.clips.stride_s,
                  "min_length_s": self.clips.min_length_s, "frames": self.clips.frames, "size": self.clips.size}
         return {**common, "clips": clips, "mel": mel, "missing_audio": self.audio.missing}

@@ -8,11 +8,12 @@ Driver, in order:
     2. rewrite older shards that hold samples of changed sources (``state`` explains why)
     3. stream the plan through the Ray Data graph (``stages``): probe -> decode -> resize -> log-mel -> encode ->
        write, one small result row per segment back to the driver
-    4. as sources finish, pack them in plan order into shards of about ``shards.target_bytes``; a Ray task
-       concatenates a shard's spooled parts, and the driver commits shards in order (manifest.json rewritten)
+    4. as sources finish, pack them in plan order into shards of about ``shards.target_bytes``; a driver
+       thread concatenates a shard's spooled parts, and the driver commits shards in order (manifest.json rewritten)
     5. close the generation, write stats.json, delete the work folder, return the summary
 
-Only metadata reaches the driver (a few hundred bytes per segment); sample bytes go worker -> store -> worker.
+Results carry only metadata (a few hundred bytes per segment); sample bytes go from the decode actors to part files
+in the work folder and are streamed once, part after part, into the shard file by the assembler threads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import os
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
@@ -84,11 +86,6 @@ def build_dataset(rows: list[dict], settings: StageSettings, res: ResourceConfig
                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, initial_size=decoders))
 
 
-@ray.remote(num_cpus=0)
-def assemble(part_urls: list[str], shard_url: str, storage_options: dict) -> dict:
-    return writer.concatenate(part_urls, shard_url, storage_options)
-
-
 # ------------------------------------------------------------------------------------------------------- packing
 @dataclass
 class _Source:
@@ -120,7 +117,7 @@ class _Shard:
     part_urls: list[str] = field(default_factory=list)
     samples: int = 0
     bytes: int = 0
-    ref: ray.ObjectRef | None = None
+    future: Future | None = None  # the shard file being assembled from its parts
 
 
 class Packer:
@@ -164,7 +161,7 @@ class Packer:
     def _close(self) -> None:
         shard = self.current
         if shard.samples:
-            shard.ref = self._start_shard(shard)
+            shard.future = self._start_shard(shard)
             self.index += 1
         self.in_flight.append(shard)
         self.current = _Shard(self.index)
@@ -181,11 +178,9 @@ class Packer:
         """Commit finished shards from the head of the queue (in order, so commits always cover a plan prefix)."""
         while self.in_flight:
             head = self.in_flight[0]
-            if head.ref is not None:
-                ready, _ = ray.wait([head.ref], timeout=None if block else 0)
-                if not ready:
-                    return
-            self._commit(head, ray.get(head.ref) if head.ref is not None else None)
+            if head.future is not None and not (block or head.future.done()):
+                return
+            self._commit(head, head.future.result() if head.future is not None else None)
             self.in_flight.pop(0)
 
 
@@ -340,8 +335,13 @@ class Job:
         rows = [initial_row(r, i) for i, r in enumerate(todo)]
         reasons: Counter = Counter()
 
-        def start_shard(shard: _Shard) -> ray.ObjectRef:
-            return assemble.remote(shard.part_urls, out.path(shards.shard_name(gen.id, shard.index)), out.options)
+        # Concatenating a shard's parts is I/O: a driver thread does it while results keep coming (a Ray task
+        # would first start a worker process, seconds on a small machine, for a copy that takes milliseconds).
+        assembler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="assemble")
+
+        def start_shard(shard: _Shard) -> Future:
+            url = out.path(shards.shard_name(gen.id, shard.index))
+            return assembler.submit(writer.concatenate, shard.part_urls, url, out.options)
 
         def commit(shard: _Shard, written: dict | None) -> None:
             entry = None
@@ -366,17 +366,20 @@ class Job:
         first_index = max([len(plan.rewrite)] + [i + 1 for i in taken])
         packer = Packer(rows, first_index, cfg.shards.target_bytes, commit, start_shard)
         dataset = build_dataset(rows, settings, cfg.resources)
-        for result in dataset.iter_rows():
-            stats.first_result_s = stats.first_result_s or time.perf_counter() - t0
-            packer.add(result)
-            for stage, seconds in json.loads(result["timing"]).items():
-                stats.stage_seconds[stage] = stats.stage_seconds.get(stage, 0.0) + seconds
-            if not result["failure"]:
-                summary = json.loads(result["summary"])
-                stats.clips += summary["clips"]
-                if result["seg"] == 0:
-                    stats.video_seconds += summary["duration"]
-        packer.finish()
+        try:
+            for result in dataset.iter_rows():
+                stats.first_result_s = stats.first_result_s or time.perf_counter() - t0
+                packer.add(result)
+                for stage, seconds in json.loads(result["timing"]).items():
+                    stats.stage_seconds[stage] = stats.stage_seconds.get(stage, 0.0) + seconds
+                if not result["failure"]:
+                    summary = json.loads(result["summary"])
+                    stats.clips += summary["clips"]
+                    if result["seg"] == 0:
+                        stats.video_seconds += summary["duration"]
+            packer.finish()
+        finally:
+            assembler.shutdown(wait=True)
         log.debug("Ray Data stage times:\n%s", dataset.stats())
         log.info("seconds per stage, summed over workers: %s",
                  ", ".join(f"{k} {v:.1f}" for k, v in sorted(stats.stage_seconds.items(), key=lambda kv: -kv[1])))

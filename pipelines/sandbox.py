@@ -127,12 +127,16 @@ class Sandbox:
             stream.close()
         return _describe_exit(code)
 
-    def call(self, name: str, timeout_s: float | None = None, **kwargs) -> Any:
-        """One attempt of ``reader.SANDBOXED[name](**kwargs)`` in the child."""
+    def start(self) -> None:
+        """Have a live child (started now if there is none): lets a worker pay the start-up before its first input."""
         if self._proc is None or self._proc.poll() is not None:
             if self._proc is not None:
                 self._kill()
             self._start()
+
+    def call(self, name: str, timeout_s: float | None = None, **kwargs) -> Any:
+        """One attempt of ``reader.SANDBOXED[name](**kwargs)`` in the child."""
+        self.start()
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
             _send(self._proc.stdin, (name, kwargs))

@@ -35,9 +35,7 @@ from pipelines import writer
 from pipelines.config import AudioConfig, ClipConfig, GroundingConfig, StorageConfig
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
 from pipelines.sources import is_remote
-from tvlt_core import audio as tvlt_audio
-from tvlt_core import shards
-from tvlt_core import video as tvlt_video
+from tvlt_core import recipe, shards
 from tvlt_core.redaction import redact_text
 
 log = logging.getLogger(__name__)
@@ -102,6 +100,7 @@ class ProbeStage:
     def __init__(self, settings: StageSettings):
         self.settings = settings
         self.sandbox = Sandbox("probe", timeout_s=settings.decode_timeout_s)
+        self.sandbox.start()  # while the actor pool starts, not in the first input's time
 
     def __call__(self, row: dict) -> dict:
         start = time.perf_counter()
@@ -160,6 +159,11 @@ class DecodeStage:
         self.settings = settings
         self.finish = finish
         self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s)
+        # Start-up work now, while the pool starts, rather than in the first input's time: the decoder child, and
+        # torch (the resize and log-mel modules import it; the probe actors never do).
+        self.sandbox.start()
+        import tvlt_core.audio  # noqa: F401
+        import tvlt_core.video  # noqa: F401
 
     def __call__(self, row: dict):
         s = self.settings
@@ -230,11 +234,13 @@ class DecodeStage:
         return out, timing
 
     def _row(self, row: dict, k: int, n_segs: int, out: dict) -> dict:
+        from tvlt_core.video import resize_center_crop  # torch: imported by decode actors only, not by probes
+
         s = self.settings
         if s.mode == "grounding":
             frames = resize_longest_edge(out["frames"][0], s.grounding.size)[None]
         else:
-            frames = np.stack([tvlt_video.resize_center_crop(f, s.clips.size) for f in out["frames"]])
+            frames = np.stack([resize_center_crop(f, s.clips.size) for f in out["frames"]])
         audio, bounds = _NO_AUDIO, np.zeros(len(out["frames"]) + 1, dtype=np.int64)
         if out.get("audio") is not None:
             audio = np.concatenate(out["audio"]).astype(np.float32)
@@ -247,7 +253,7 @@ class DecodeStage:
 # -------------------------------------------------------------------------------------------- log-mel and encode
 def _min_samples(rate: int) -> int:
     """Fewest samples at ``rate`` that still give one spectrogram frame at 44.1 kHz."""
-    return int(np.ceil((tvlt_audio.N_FFT // 2 + 1) * rate / tvlt_audio.SAMPLE_RATE)) + 1
+    return int(np.ceil((recipe.N_FFT // 2 + 1) * rate / recipe.SAMPLE_RATE)) + 1
 
 
 def log_mel_stage(row: dict, settings: StageSettings) -> dict:
@@ -258,16 +264,18 @@ def log_mel_stage(row: dict, settings: StageSettings) -> dict:
 
 
 def _log_mel(row: dict, settings: StageSettings) -> dict:
+    from tvlt_core.audio import log_mel  # torch: imported by decode actors only, not by probes
+
     if row["failure"] or settings.mode != "pretrain":
-        return {**row, "mel": np.zeros((0, tvlt_audio.NUM_MEL_BINS), np.float16), "mel_bounds": _NO_BOUNDS}
+        return {**row, "mel": np.zeros((0, recipe.NUM_MEL_BINS), np.float16), "mel_bounds": _NO_BOUNDS}
     rate = json.loads(row["decoded"])["audio_rate"]
     bounds, mels = row["audio_bounds"], []
     for i in range(len(bounds) - 1):
         wave = np.array(row["audio"][bounds[i] : bounds[i + 1]])  # a writable copy: Ray hands out read-only views
         if rate and len(wave) >= _min_samples(rate):
-            mels.append(tvlt_audio.log_mel(wave, rate).numpy().astype(np.float16))
+            mels.append(log_mel(wave, rate).numpy().astype(np.float16))
         else:
-            mels.append(np.zeros((0, tvlt_audio.NUM_MEL_BINS), np.float16))
+            mels.append(np.zeros((0, recipe.NUM_MEL_BINS), np.float16))
     mel_bounds = np.concatenate([[0], np.cumsum([len(m) for m in mels])]).astype(np.int64)
     return {**row, "mel": np.concatenate(mels), "mel_bounds": mel_bounds}
 

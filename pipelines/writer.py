@@ -3,7 +3,7 @@
 Two kinds of tar are written:
     parts    ``_work/gen-GGGGGG/<source id>-<segment>.tar``: the samples of one decoded segment, written by the
              pipeline's last stage as soon as the segment is encoded (so workers, not the driver, move the bytes)
-    shards   ``shard-GGGGGG-NNNNN.tar``: the parts of consecutive sources in plan order, concatenated by a Ray task
+    shards   ``shard-GGGGGG-NNNNN.tar``: the parts of consecutive sources in plan order, concatenated by the driver
              once every source in the shard is done; the driver then lists it in manifest.json
 
 Both appear under their final name only when complete: a local file is written to a hidden temporary name in the

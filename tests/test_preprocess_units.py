@@ -243,3 +243,15 @@ def test_an_output_folder_refuses_a_second_recipe():
     other = PreprocessConfig(input="/in", output="/out", clips=type(cfg.clips)(length_s=5.0, stride_s=5.0))
     with pytest.raises(state.RecipeMismatch, match="clips"):
         state.check_recipe(m, "pretrain", other.recipe(), "/out")
+
+
+def test_probe_side_of_the_pipeline_does_not_import_torch():
+    # Every Ray worker that unpickles a stage imports pipelines.stages; torch costs seconds per process there, and
+    # only the decode actors need it (they import it in their constructor). A fresh interpreter, so nothing is cached.
+    import subprocess
+    import sys
+
+    code = "import sys, pipelines.stages, pipelines.preprocess, pipelines.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "False", out.stderr

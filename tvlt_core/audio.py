@@ -28,11 +28,7 @@ import numpy as np
 import torch
 import torchaudio
 
-SAMPLE_RATE = 44100
-N_FFT = 2048
-HOP_LENGTH = 512  # 44100 // 86 in the reference feature extractor
-NUM_MEL_BINS = 128
-MAX_FRAMES = 2048  # spectrogram_length of the public checkpoints (about 23.8 s)
+from tvlt_core.recipe import HOP_LENGTH, MAX_FRAMES, N_FFT, NUM_MEL_BINS, SAMPLE_RATE  # noqa: F401  (re-exported)
 TIME_PATCH = 16  # audio_patch_size[0]
 FREQ_PATCH = 16  # audio_patch_size[1]
 POWER_FLOOR = 1e-10  # -100 dB

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tvlt_core.recipe import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES  # noqa: F401  (re-exported)
+
 # ----------------------------------------------------------------------------------------------------- TVLT
 
-TVLT_IMAGE_SIZE = 224
 TVLT_PATCH_SIZE = 16
-TVLT_NUM_FRAMES = 8
 
 
 def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
