@@ -10,6 +10,9 @@ Recipe everywhere: 10 s clips every 10 s, 8 frames per clip at the segment centr
     (b) full decode      the same, but decord decodes every frame (in order) and the sampled ones are kept.
     (c) our job          ``jobs/preprocess.py --mode pretrain`` with the pretrain preset (local Ray, W CPUs): the
                          whole recipe (probe, decode, resize + crop, log-mel, JPEG, tar, manifest commits).
+    (d) Ray Data alone   the job's own graph (``pipelines.preprocess.build_dataset``: the same blocks, actor pools
+                         and resources) on the same running Ray, with stages that pass rows through: what Ray Data
+                         itself costs, mostly starting the actor pool; (c) minus (d) is the part the recipe owns.
 Prints videos/s, seconds of video per second, peak memory (summed RSS of the process tree, shared pages counted
 per process) and the ratios; then where the job's time goes (seconds per stage, summed over workers).
 """
@@ -133,10 +136,43 @@ def timed_job(corpus: Path, out: Path, workers: int) -> tuple[float, float, floa
                  "--progress", "false"])
     wall = time.perf_counter() - start
     peak = monitor.stop()
-    ray.shutdown()
     if code != 0:
+        ray.shutdown()
         raise SystemExit(f"the job failed with exit code {code}")
-    return ray_up, wall, peak, json.loads((out / "stats.json").read_text())["last_run"]
+    stats = json.loads((out / "stats.json").read_text())["last_run"]
+    stats["ray_data_alone"] = timed_ray_data_alone(stats["inputs"])
+    ray.shutdown()
+    return ray_up, wall, peak, stats
+
+
+class _PassProbe:
+    """Stands in for ProbeStage in (d): no sandbox, no imports, the row goes through."""
+
+    def __init__(self, settings):
+        pass
+
+    def __call__(self, row: dict) -> dict:
+        return row
+
+
+class _PassDecode(_PassProbe):
+    """Stands in for DecodeStage in (d): one result per source."""
+
+    def __call__(self, row: dict):
+        yield row
+
+
+def timed_ray_data_alone(n_sources: int) -> dict:
+    """(d): the job's graph with pass-through stages, on the Ray the job just used. Seconds to the first row and to
+    the last."""
+    from pipelines.config import ResourceConfig
+    from pipelines.preprocess import build_dataset
+
+    start, first = time.perf_counter(), None
+    rows = [{"order": i} for i in range(n_sources)]
+    for _ in build_dataset(rows, None, ResourceConfig(), _PassProbe, _PassDecode).iter_rows():
+        first = first or time.perf_counter() - start
+    return {"first_result_s": first, "wall_s": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -172,19 +208,25 @@ def main() -> None:
     rows.append(("(c) our job on a running Ray", job_wall, job_peak))
     steady = job_wall - stats["first_result_s"]
     rows.append(("(c) our job, first to last result", steady, job_peak))
+    alone = stats["ray_data_alone"]
+    rows.append(("(d) Ray Data alone, pass-through stages", alone["wall_s"], float("nan")))
+    rows.append(("(c) - (d): our job less Ray Data alone", job_wall - alone["wall_s"], job_peak))
 
     print(f"\ncorpus: {n} videos, {seconds:.0f} s of video, 640x360 30 fps; {w} cores\n")
     print(f"| {'run':<42} | {'wall s':>7} | {'videos/s':>8} | {'video s/s':>9} | {'peak RSS GiB':>12} |")
     print(f"|{'-' * 44}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 14}|")
     for name, wall, peak in rows:
-        print(f"| {name:<42} | {wall:7.1f} | {n / wall:8.2f} | {seconds / wall:9.1f} | {peak:12.2f} |")
+        memory = "-" if peak != peak else f"{peak:.2f}"  # NaN: not measured
+        print(f"| {name:<42} | {wall:7.1f} | {n / wall:8.2f} | {seconds / wall:9.1f} | {memory:>12} |")
     floor_w, full_w = rows[1][1], rows[2][1]
     print(f"\njob / floor ({w} processes) time: {job_wall / floor_w:.2f}x on a running Ray, "
           f"{(ray_up + job_wall) / floor_w:.2f}x with a local Ray start-up (target <= 1.5x); "
           f"full decode / job: {full_w / job_wall:.2f}x (target: several times)")
+    print(f"(c) - (d) / floor: {(job_wall - alone['wall_s']) / floor_w:.2f}x: the job's time beyond what Ray Data "
+          "alone takes for the same graph")
     print(f"\nwhere the job's time goes: Ray start-up {ray_up:.1f} s; in the job, {stats['startup_s']:.1f} s listing "
-          f"and plan, first result after {stats['first_result_s']:.1f} s (actor start-up), then per stage "
-          "(seconds summed over workers):")
+          f"and plan, first result after {stats['first_result_s']:.1f} s (actor start-up; Ray Data alone takes "
+          f"{alone['first_result_s']:.1f} s to its first row), then per stage (seconds summed over workers):")
     for stage, secs in sorted(stats.get("stage_seconds", {}).items(), key=lambda kv: -kv[1]):
         print(f"  {stage:<16} {secs:8.1f}")
 

@@ -73,15 +73,17 @@ def decoder_count(res: ResourceConfig) -> int:
     return max(1, math.floor((cpus - res.probe_cpus) / res.decode_cpus))
 
 
-def build_dataset(rows: list[dict], settings: StageSettings, res: ResourceConfig) -> ray.data.Dataset:
+def build_dataset(rows: list[dict], settings: StageSettings, res: ResourceConfig,
+                  probe_stage: type = ProbeStage, decode_stage: type = DecodeStage) -> ray.data.Dataset:
     """The graph: rows per source -> ProbeStage actors -> DecodeStage actors (decode, resize, log-mel, encode and
-    write per segment; ``stages`` says why those run in the decoder) -> one small result row per segment."""
+    write per segment; ``stages`` says why those run in the decoder) -> one small result row per segment.
+    ``benchmarks/preprocess.py`` passes stages that do nothing, to time Ray Data's own share of this graph."""
     decoders = decoder_count(res)
     blocks = max(1, math.ceil(len(rows) / res.sources_per_block))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map(ProbeStage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.probe_cpus,
+    ds = ds.map(probe_stage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.probe_cpus,
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, decoders // 8)))
-    return ds.flat_map(DecodeStage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.decode_cpus,
+    return ds.flat_map(decode_stage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.decode_cpus,
                        memory=int(res.decode_memory_gib * GiB),
                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, initial_size=decoders))
 
