@@ -12,10 +12,14 @@ ARGS   ?=
 setup: $(STAMP)
 
 # uv resolves and installs the pinned dependencies (about 5 GB, mostly torch's CUDA wheels) much faster than pip.
-$(STAMP): pyproject.toml
+# --compile-bytecode: uv writes no .pyc files by default, and where PYTHONDONTWRITEBYTECODE is set (the dev machine,
+# many CI images) Python never caches them either, so every process (each Ray worker, each decoder child, each test
+# subprocess) compiled ray.data and torch from source again: 1.8 s and 1.6 s of CPU per process. Compiling once here
+# (about 30 s) halves the preprocessing job on the 24-video benchmark (benchmarks/RESULTS.md).
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
-	$(BIN)/uv pip install --python $(BIN)/python -e '.[test]'
+	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,7 +17,7 @@ How each part is validated:
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.util
 import json
 import math
 import re
@@ -357,6 +357,19 @@ def _dependency(name: str):
 
     reqs = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
     return next(r for r in reqs if r.name == name)
+
+
+def test_installed_dependencies_carry_bytecode():
+    """The set-up (``make``'s uv ``--compile-bytecode``, the image's UV_COMPILE_BYTECODE) compiles site-packages
+    once. Without it, where PYTHONDONTWRITEBYTECODE is set or site-packages is read-only (the image runs as uid
+    1000), every Ray worker and decoder child compiles ray.data and torch from source again: seconds per process."""
+    import ray.data
+    import torch
+
+    for module in (ray.data, torch):
+        cached = Path(importlib.util.cache_from_source(module.__file__))
+        assert cached.exists(), f"{module.__name__} has no bytecode ({cached}): re-run the set-up (make setup)"
+    assert re.search(r"^\s+UV_COMPILE_BYTECODE=1", DOCKERFILE.read_text(), re.M)
 
 
 def test_dockerfile_installs_from_pyproject_and_matches_python_and_cuda():
