@@ -25,16 +25,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo $(ARGS)
 
-# Every test, both tiers (about 18 minutes on 2 cores); what CI runs.
+# Every test, both tiers (about 8 minutes on 2 cores); what CI runs.
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
-# The fast tier alone (unit + integration on real local Ray, MLflow, moto S3, mp4s; about 4 minutes).
+# The fast tier alone (unit + integration on real local Ray, MLflow, moto S3, mp4s; about 2 minutes).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 # The slow end-to-end tier alone: the two-node / local-cluster tests, preprocessing kill-and-resume, the main job
-# (about 13 minutes).
+# (about 6 minutes).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
 
