@@ -163,8 +163,8 @@ class _PassDecode(_PassProbe):
 
 
 def timed_ray_data_alone(n_sources: int) -> dict:
-    """(d): the job's graph with pass-through stages, on the Ray the job just used. Seconds to the first row and to
-    the last."""
+    """(d): the job's graph with pass-through stages, on the Ray the job just used, with the resources the job ran
+    with (the pretrain preset sets none: the defaults). Seconds to the first row and to the last."""
     from pipelines.config import ResourceConfig
     from pipelines.preprocess import build_dataset
 
