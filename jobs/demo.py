@@ -39,7 +39,7 @@ from jobs.cli import run
 from jobs.config import parse, write_resolved
 from pipelines.build_vocab import VocabSummary, build_and_save
 from pipelines.synthetic import CorpusInfo, generate_corpus, load_corpus
-from pipelines.synthetic.corpus import CORPUS_JSON
+from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION
 from tvlt_core import shards
 from tvlt_core.eval import Report
 from tvlt_core.redaction import redact
@@ -111,7 +111,8 @@ def _same_corpus(root: Path, seed: int, counts: dict[str, int], options: dict) -
     info = load_corpus(root)
     found = {kind: len(info.of_kind(kind)) for kind in counts}
     same_options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()} == made.get("options")
-    return info if made.get("seed") == seed and found == counts and same_options else None
+    same_generator = made.get("format_version") == FORMAT_VERSION
+    return info if same_generator and made.get("seed") == seed and found == counts and same_options else None
 
 
 def stage_corpus(cfg: CorpusSection, work: Path) -> tuple[CorpusInfo, CorpusInfo]:

@@ -8,6 +8,8 @@ full main job's business (its table is in the README); here every stage must run
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow import MlflowClient
 
@@ -67,3 +69,16 @@ def test_main_job_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path, mon
     assert {name: len(shards.load_manifest(str(shard_root / name)).generations) for name in generations} == generations
     assert len(client.search_model_versions("name='tvlt-pretrain'")) == versions_before
     assert "promotion: @champion: not moved" in capsys.readouterr().out
+
+
+def test_a_corpus_from_an_older_generator_is_made_again(tmp_path):
+    from pipelines.synthetic import generate_corpus
+    from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION
+
+    generate_corpus(tmp_path, n_pretrain=1, seed=3, workers=1)
+    options = {"size": None, "fps": None, "duration": None, "audio_rate": None}
+    assert demo._same_corpus(tmp_path, 3, {"pretrain": 1}, options) is not None
+    assert demo._same_corpus(tmp_path, 4, {"pretrain": 1}, options) is None
+    made = json.loads((tmp_path / CORPUS_JSON).read_text())
+    (tmp_path / CORPUS_JSON).write_text(json.dumps({**made, "format_version": FORMAT_VERSION - 1}))
+    assert demo._same_corpus(tmp_path, 3, {"pretrain": 1}, options) is None  # same seed, other files: not reused

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import random
 from collections import Counter
 
 import numpy as np
@@ -197,3 +198,15 @@ def test_tvp_batches_tokenise_one_query_per_video(shard_writer, grounding_senten
         torch.testing.assert_close(batch["input_ids"][i], tokenizer([sentence])["input_ids"][0])
     assert (batch["pixel_values"][:, :, :, 0] == -1).all(), "40x30 frames are padded to square: top row is padding"
     assert (batch["pixel_values"][:, :, :, 16] != -1).any()
+
+
+def test_matching_negatives_come_from_other_source_videos():
+    batcher = make_batcher(mismatch_prob=1.0)
+    rng = random.Random(0)
+    sources = ["a", "a", "a", "b", "c", "c"]
+    for _ in range(50):
+        shown = batcher.draw_pairs(sources, rng)
+        assert all(sources[j] != sources[i] for i, j in enumerate(shown.tolist())), shown
+    # one source in the whole batch: any other clip is the only negative there is
+    assert all(j != i for i, j in enumerate(batcher.draw_pairs(["a"] * 4, rng).tolist()))
+    assert batcher.draw_pairs(["a"], rng).tolist() == [0]

@@ -18,7 +18,7 @@ import pytest
 from pipelines.synthetic import BROKEN_KINDS, COLOURS, PITCHES_HZ, class_of, generate_corpus, load_corpus
 from pipelines.synthetic.cli import main
 from pipelines.synthetic.render import TONE_AMPLITUDE, in_intervals
-from pipelines.synthetic.spec import DIM, Overrides, grid_frames, plan_grounding, plan_pretrain
+from pipelines.synthetic.spec import DIM, Overrides, centre_square, grid_frames, plan_grounding, plan_pretrain
 
 # Max minus min channel. The grey background decodes at 0; palette colours reach 140-190 at full brightness and
 # 70-95 at half. Where a shape has just vanished, h264 may leave a few ghost pixels of up to about 70.
@@ -137,6 +137,11 @@ def test_pretrain_pitch_colour_and_flashes_follow_the_class(synthetic_corpus):
         frames = read_frames(path)
         mask = saturated(frames)
         assert mask.any(axis=(1, 2)).all(), f"{rec['id']}: a frame without the shape"
+        # always inside what TVLT's centre crop keeps (a pixel of slack for chroma subsampling)
+        x_lo, y_lo, side = centre_square(frames.shape[2], frames.shape[1])
+        _, ys, xs = np.nonzero(mask)
+        assert xs.min() >= x_lo - 1 and xs.max() <= x_lo + side and ys.min() >= y_lo - 1 and ys.max() <= y_lo + side, (
+            rec["id"], (xs.min(), xs.max(), ys.min(), ys.max()), (x_lo, y_lo, side))
         brightness = np.array([frame[m].max(axis=-1).mean() for frame, m in zip(frames, mask)])
         flash = brightness > (1 + DIM) / 2 * max(rec["rgb"])
         beeps = in_intervals(rec["n_frames"], rec["beeps"])

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipelines.synthetic.spec import COLOURS, DIM, Media, VideoSpec
+from pipelines.synthetic.spec import COLOURS, DIM, Media, VideoSpec, centre_square
 
 TONE_AMPLITUDE = 0.4  # pretraining beeps
 EVENT_AMPLITUDE = 0.25  # grounding event tones
@@ -179,8 +179,9 @@ def pretrain_frames(spec: VideoSpec) -> Iterator[np.ndarray]:
     canvas = Canvas(m, spec.background_seed)
     mask = shape_mask(c.shape, c.radius)
     t = np.arange(m.n_frames)
-    xs = _bounce(c.start_xy[0], c.velocity_xy[0], c.radius, m.width - c.radius, t)
-    ys = _bounce(c.start_xy[1], c.velocity_xy[1], c.radius, m.height - c.radius, t)
+    x_lo, y_lo, side = centre_square(m.width, m.height)  # what the TVLT centre crop keeps
+    xs = _bounce(c.start_xy[0], c.velocity_xy[0], x_lo + c.radius, x_lo + side - c.radius, t)
+    ys = _bounce(c.start_xy[1], c.velocity_xy[1], y_lo + c.radius, y_lo + side - c.radius, t)
     flashing = in_intervals(m.n_frames, c.beeps)
     bright = np.array(COLOURS[c.colour], dtype=np.float32)
     dim = np.round(DIM * bright)

@@ -10,7 +10,8 @@ event boundaries sit on a grid of frames that are also whole hundredths of a sec
 two-decimal times of Charades-STA annotations are exact, not rounded.
 
 The learnable correspondence (pretraining): class ``k`` fixes the shape's colour, its form and the tone's pitch;
-the shape flashes (full brightness instead of half) exactly while the tone beeps, at a seeded rhythm.
+the shape flashes (full brightness instead of half) exactly while the tone beeps, at a seeded rhythm. The shape
+always stays inside the centred square that TVLT's centre crop keeps (``centre_square``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def class_of(class_id: int) -> tuple[str, str, float]:
 
 def pitch_of(colour: str) -> float:
     return PITCHES_HZ[COLOUR_NAMES.index(colour)]
+
+
+def centre_square(width: int, height: int) -> tuple[float, float, int]:
+    """(left, top, side) of the centred square a pretraining shape stays in: the part of the frame the TVLT
+    transform keeps (shortest edge resized, centre crop). A shape bouncing over the whole 16:9 frame was cut off or
+    outside the crop in about half the sampled frames, which then carried no evidence of the clip's class."""
+    side = min(width, height)
+    return (width - side) / 2, (height - side) / 2, side
 
 
 def rng_for(seed: int, kind: str, index: int) -> np.random.Generator:
@@ -303,8 +312,10 @@ def pretrain_spec(video_id: str, kind: Kind, path: str, profile: Profile, rng: n
     class_id = int(rng.integers(N_CLASSES))
     colour, shape, pitch = class_of(class_id)
     w, h = media.width, media.height
-    radius = max(4, round(rng.uniform(0.09, 0.13) * min(w, h)))
-    start = (rng.uniform(radius, w - radius), rng.uniform(radius, h - radius))
+    # Large enough to fill several 16-px patches of a 64-px tiny-preset frame, not a fraction of one.
+    radius = max(4, round(rng.uniform(0.15, 0.2) * min(w, h)))
+    x_lo, y_lo, side = centre_square(w, h)
+    start = (rng.uniform(x_lo + radius, x_lo + side - radius), rng.uniform(y_lo + radius, y_lo + side - radius))
     # Crosses the frame in 2-6 s: moving enough to matter, slow enough to stay sharp at 24 fps.
     speed = rng.uniform(1 / 6, 1 / 2) * min(w, h) / media.fps
     angle = rng.uniform(0, 2 * math.pi)

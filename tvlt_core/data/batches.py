@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tvlt_core import audio, video
 from tvlt_core.text import TextTokenizer
-from tvlt_core.shards import DecodedSample
+from tvlt_core.shards import DecodedSample, key_source
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _resize(frames: torch.Tensor, size: int) -> torch.Tensor:
 class TvltBatcher:
     """Frames, spectrograms and matching pairs for ``TvltForPreTraining``.
 
-    mismatch_prob: share of clips whose audio is shown with another clip's video for the matching task (the
+    mismatch_prob: share of clips whose audio is shown with another source video's clip for the matching task (the
     published recipe uses 0.5). Set ``matching=False`` when the model's ``task_matching`` is off.
     """
 
@@ -91,21 +91,25 @@ class TvltBatcher:
             "keys": [it["key"] for it in items],
         }
         if self.matching:
-            shown = self.draw_pairs(len(items), rng)
+            shown = self.draw_pairs([key_source(it["key"]) for it in items], rng)
             batch["pixel_values_mixed"] = pixel_values[shown]
             batch["pixel_mask_mixed"] = pixel_mask[shown]
             batch["labels"] = (shown == torch.arange(len(items))).float().unsqueeze(1)
         return batch
 
-    def draw_pairs(self, batch_size: int, rng: random.Random) -> torch.Tensor:
-        """(B,) index of the video shown with each clip's audio: itself, or (with ``mismatch_prob``) another."""
+    def draw_pairs(self, sources: list[str], rng: random.Random) -> torch.Tensor:
+        """(B,) index of the video shown with each clip's audio: itself, or (with ``mismatch_prob``) a clip of another
+        source video. Clips of the same source share class, look and rhythm, so one is no negative; it is used only
+        when every clip of the batch comes from one source."""
+        batch_size = len(sources)
         shown = torch.arange(batch_size)
         if batch_size < 2:
             return shown  # no other clip to pair with; config validation asks for batches of 2 or more
         for i in range(batch_size):
             if rng.random() < self.mismatch_prob:
-                j = rng.randrange(batch_size - 1)
-                shown[i] = j if j < i else j + 1
+                others = [j for j in range(batch_size) if sources[j] != sources[i]]
+                others = others or [j for j in range(batch_size) if j != i]
+                shown[i] = others[rng.randrange(len(others))]
         return shown
 
 
