@@ -233,7 +233,8 @@ def _start_ray() -> bool:
         return False
     for attempt in range(1, 4):
         try:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=512 * 2**20)
+            # the dashboard serves the State API Ray Train's placement-group cleaner polls (see train/ray_job.py)
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=True, object_store_memory=512 * 2**20)
             return True
         # Ray gives its raylet a fixed 30 s to register and then raises a bare Exception; on a machine busy with
         # other work that can happen once, and a second start usually succeeds.

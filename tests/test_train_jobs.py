@@ -283,3 +283,30 @@ def test_a_killed_worker_restarts_the_group_from_the_checkpoint(
     config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
     for text in (output, params, config):
         assert secret not in text and password not in text
+
+
+@pytest.mark.parametrize("start", [
+    "from tvlt_core.train.ray_job import _init_ray; from tvlt_core.train.config import ParallelConfig; "
+    "_init_ray(ParallelConfig())",
+    "from jobs.demo import _start_ray; _start_ray()",
+])  # fmt: skip
+def test_a_local_ray_started_for_training_serves_the_state_api(start):
+    """Ray Train's placement-group cleaner polls the State API every second; on a local Ray without it the
+    cleaner logs a warning per poll for the rest of the session and never exits."""
+    code = f"{start}\nfrom ray.util.state import list_actors\nlist_actors()\nimport ray\nray.shutdown()\n"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_relative_manifest_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    from tvlt_core.train.config import TrainingConfig
+    from tvlt_core.train.ray_job import job_from_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainingConfig()
+    cfg.data.manifest = "shards/train"
+    job = job_from_config(cfg, task=None, run_name="r", dataset=None, config={}, files={})
+    assert job.data.manifest == str(tmp_path / "shards" / "train")
+    cfg.data.manifest = "s3://bucket/shards"
+    assert job_from_config(cfg, task=None, run_name="r", dataset=None, config={}, files={}).data.manifest == cfg.data.manifest

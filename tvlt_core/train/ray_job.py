@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tvlt_core import distributed, shards
@@ -65,9 +65,11 @@ def job_from_config(
     cfg: TrainingConfig, task: Task, run_name: str, *, dataset: DatasetInfo, config: dict[str, Any],
     files: dict[str, bytes],
 ) -> TrainJob:  # fmt: skip
-    """A ``TrainJob`` from a job's config; ``config`` is the resolved config with secrets masked."""
+    """A ``TrainJob`` from a job's config; ``config`` is the resolved config with secrets masked. A local
+    ``data.manifest`` is made absolute: Ray Train workers run in their own folder, not the launcher's."""
+    data = cfg.data if "://" in cfg.data.manifest else replace(cfg.data, manifest=os.path.abspath(cfg.data.manifest))
     return TrainJob(
-        task=task, data=cfg.data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
+        task=task, data=data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
         parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=config, files=files,
         dataset=dataset, work_dir=cfg.work_dir,
     )  # fmt: skip
@@ -185,7 +187,9 @@ def _init_ray(parallel: ParallelConfig) -> None:
         ray.init()  # the cluster's address (ray job submit / ray start) decides resources
         return
     cpus = max(os.cpu_count() or 1, int(parallel.num_workers * parallel.cpus_per_worker + 0.999))
-    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=True)
+    # With the dashboard: it serves the State API, which Ray Train's placement-group cleaner polls every second
+    # (without it the cleaner logs a warning per poll for the rest of the session and never exits).
+    ray.init(num_cpus=cpus, include_dashboard=True, object_store_memory=256 * 2**20, log_to_driver=True)
     log.info("started a local Ray with %d CPUs (set RAY_ADDRESS to use a cluster)", cpus)
 
 
