@@ -293,7 +293,9 @@ def test_a_killed_worker_restarts_the_group_from_the_checkpoint(
 def test_a_local_ray_started_for_training_serves_the_state_api(start):
     """Ray Train's placement-group cleaner polls the State API every second; on a local Ray without it the
     cleaner logs a warning per poll for the rest of the session and never exits."""
-    code = f"{start}\nfrom ray.util.state import list_actors\nlist_actors()\nimport ray\nray.shutdown()\n"
+    # the address named: the session's own Ray (ray_cluster) may be running beside this one
+    code = (f"{start}\nimport ray\nfrom ray.util.state import list_actors\n"
+            "list_actors(address=ray.get_runtime_context().gcs_address)\nray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]

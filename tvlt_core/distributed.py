@@ -121,6 +121,8 @@ def setup_logging(rank: int, level: int = logging.INFO, *, all_ranks: bool = Fal
     apart, and with every rank at INFO the progress lines would be printed world-size times.
     """
     root = logging.getLogger()
+    for other in [h for h in root.handlers if type(h).__name__ == "PlainRayHandler"]:
+        root.removeHandler(other)  # Ray Train's plain console handler: every line would be printed twice
     handler = next((h for h in root.handlers if getattr(h, "_tvlt_rank_handler", False)), None)
     if handler is None:
         handler = logging.StreamHandler()
