@@ -13,6 +13,10 @@ Recipe everywhere: 10 s clips every 10 s, 8 frames per clip at the segment centr
     (d) Ray Data alone   the job's own graph (``pipelines.preprocess.build_dataset``: the same blocks, actor pools
                          and resources) on the same running Ray, with stages that pass rows through: what Ray Data
                          itself costs, mostly starting the actor pool; (c) minus (d) is the part the recipe owns.
+    (e) recipe, no pipeline  per file in W processes: the decoder functions the job's sandbox runs (called
+                         in-process), resize + centre crop to 224, log-mel per clip, JPEG + npy encoding, nothing
+                         written: the job's own work without Ray, actors, pipes or tar; (c) / (e) is what the
+                         pipeline adds, (e) / (a) what the recipe adds to decoding.
 Prints videos/s, seconds of video per second, peak memory (summed RSS of the process tree, shared pages counted
 per process) and the ratios; then where the job's time goes (seconds per stage, summed over workers).
 """
@@ -103,6 +107,31 @@ def full_one(path: str) -> int:
         batch = vr.get_batch(list(range(start, min(start + 64, len(vr))))).asnumpy()
         kept += [batch[i - start] for i in range(start, start + len(batch)) if i in keep]
     return len(kept) + _audio(path)
+
+
+def recipe_one(path: str) -> int:
+    """(e): the job's per-file work with no pipeline around it: the decoder functions the sandbox runs (called
+    in-process), resize + centre crop to 224, the log-mel of every clip, JPEG and npy encoding; nothing written."""
+    import torch
+
+    from pipelines import reader
+    from tvlt_core import shards
+    from tvlt_core.audio import log_mel
+    from tvlt_core.video import resize_center_crop
+
+    torch.set_num_threads(1)  # as in the job's actors (Ray sets OMP_NUM_THREADS to their 1 CPU)
+    vr, _ = reader._reader(path)
+    duration = float(vr.get_frame_timestamp([len(vr) - 1])[0, 1])
+    windows = clips.windows(duration, LENGTH_S, LENGTH_S, 1.0)
+    out = reader.decode_frames(path, [clips.frame_times(c, FRAMES).tolist() for c in windows])
+    sound = reader.decode_audio_windows(path, [[c.start, c.end] for c in windows])
+    n = 0
+    for frames, wave in zip(out["frames"], sound["audio"], strict=True):
+        encoded = [shards.encode_jpeg(f) for f in resize_center_crop(frames, 224)]
+        encoded.append(shards.encode_npy(log_mel(wave, sound["audio_rate"]).numpy().astype(np.float16)))
+        n += len(encoded)
+    reader.release()
+    return n
 
 
 def timed_pool(fn, paths: list[str], workers: int) -> tuple[float, float]:
@@ -199,7 +228,8 @@ def main() -> None:
     rows = []
     for name, fn, workers in (("(a) decode floor, 1 process", floor_one, 1),
                               (f"(a) decode floor, {w} processes", floor_one, w),
-                              (f"(b) full decode, {w} processes", full_one, w)):
+                              (f"(b) full decode, {w} processes", full_one, w),
+                              (f"(e) the recipe's work, no pipeline, {w} procs", recipe_one, w)):
         wall, peak = timed_pool(fn, paths, workers)
         rows.append((name, wall, peak))
         print(f"{name}: {wall:.1f} s, peak {peak:.2f} GiB", flush=True)
@@ -218,10 +248,13 @@ def main() -> None:
     for name, wall, peak in rows:
         memory = "-" if peak != peak else f"{peak:.2f}"  # NaN: not measured
         print(f"| {name:<42} | {wall:7.1f} | {n / wall:8.2f} | {seconds / wall:9.1f} | {memory:>12} |")
-    floor_w, full_w = rows[1][1], rows[2][1]
+    floor_w, full_w, recipe_w = rows[1][1], rows[2][1], rows[3][1]
     print(f"\njob / floor ({w} processes) time: {job_wall / floor_w:.2f}x on a running Ray, "
           f"{(ray_up + job_wall) / floor_w:.2f}x with a local Ray start-up (target <= 1.5x); "
           f"full decode / job: {full_w / job_wall:.2f}x (target: several times)")
+    print(f"job / (e) the recipe's own work in {w} processes: {job_wall / recipe_w:.2f}x (what the pipeline adds: "
+          f"Ray, actors, the sandbox's pipes, tar and manifest); (e) / floor: {recipe_w / floor_w:.2f}x (what resize, "
+          "log-mel and encoding add to decoding)")
     print(f"(c) - (d) / floor: {(job_wall - alone['wall_s']) / floor_w:.2f}x: the job's time beyond what Ray Data "
           "alone takes for the same graph")
     print(f"\nwhere the job's time goes: Ray start-up {ray_up:.1f} s; in the job, {stats['startup_s']:.1f} s listing "
