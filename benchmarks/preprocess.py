@@ -13,7 +13,7 @@ Recipe everywhere: 10 s clips every 10 s, 8 frames per clip at the segment centr
     (d) Ray Data alone   the job's own graph (``pipelines.preprocess.build_dataset``: the same blocks, actor pools
                          and resources) on the same running Ray, with stages that pass rows through: what Ray Data
                          itself costs, mostly starting the actor pool; (c) minus (d) is the part the recipe owns.
-    (e) recipe, no pipeline  per file in W processes: the decoder functions the job's sandbox runs (called
+    (e) recipe, no pipeline  per file in W processes: the probe and decoder functions the job's sandbox runs (called
                          in-process), resize + centre crop to 224, log-mel per clip, JPEG + npy encoding, nothing
                          written: the job's own work without Ray, actors, pipes or tar; (c) / (e) is what the
                          pipeline adds, (e) / (a) what the recipe adds to decoding.
@@ -110,8 +110,9 @@ def full_one(path: str) -> int:
 
 
 def recipe_one(path: str) -> int:
-    """(e): the job's per-file work with no pipeline around it: the decoder functions the sandbox runs (called
-    in-process), resize + centre crop to 224, the log-mel of every clip, JPEG and npy encoding; nothing written."""
+    """(e): the job's per-file work with no pipeline around it: the probe and decoder functions the sandbox runs
+    (called in-process), resize + centre crop to 224, the log-mel of every clip, JPEG and npy encoding; nothing
+    written."""
     import torch
 
     from pipelines import reader
@@ -120,9 +121,7 @@ def recipe_one(path: str) -> int:
     from tvlt_core.video import resize_center_crop
 
     torch.set_num_threads(1)  # as in the job's actors (Ray sets OMP_NUM_THREADS to their 1 CPU)
-    vr, _ = reader._reader(path)
-    duration = float(vr.get_frame_timestamp([len(vr) - 1])[0, 1])
-    windows = clips.windows(duration, LENGTH_S, LENGTH_S, 1.0)
+    windows = clips.windows(reader.probe(path)["duration"], LENGTH_S, LENGTH_S, 1.0)  # the job plans from the probe
     out = reader.decode_frames(path, [clips.frame_times(c, FRAMES).tolist() for c in windows])
     sound = reader.decode_audio_windows(path, [[c.start, c.end] for c in windows])
     n = 0
