@@ -67,7 +67,7 @@ def job_from_config(
 ) -> TrainJob:  # fmt: skip
     """A ``TrainJob`` from a job's config; ``config`` is the resolved config with secrets masked. A local
     ``data.manifest`` is made absolute: Ray Train workers run in their own folder, not the launcher's."""
-    data = cfg.data if "://" in cfg.data.manifest else replace(cfg.data, manifest=os.path.abspath(cfg.data.manifest))
+    data = replace(cfg.data, manifest=absolute(cfg.data.manifest))
     return TrainJob(
         task=task, data=data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
         parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=config, files=files,
@@ -80,11 +80,15 @@ def default_run_name(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def absolute(url: str) -> str:
+    """A local path made absolute (Ray Train workers do not share the launcher's current directory); URLs as given."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def run_folder(storage_path: str, run_name: str) -> str:
     """Where Ray Train keeps the run: ``<storage>/<run name>`` (checkpoints, the resolved config.yaml); local
     paths are made absolute, since workers do not share the launcher's current directory."""
-    root = storage_path if "://" in storage_path else os.path.abspath(storage_path)
-    return f"{root.rstrip('/')}/{run_name}"
+    return f"{absolute(storage_path).rstrip('/')}/{run_name}"
 
 
 def dataset_info(manifest_url: str) -> DatasetInfo:
@@ -112,7 +116,7 @@ def _storage(path: str):
     """(storage_path, pyarrow filesystem or None) for Ray's RunConfig. ``s3://`` goes through s3fs, so the
     endpoint and credentials come from the same AWS_* environment as every other S3 access here."""
     if not path.startswith("s3://"):
-        return os.path.abspath(path) if "://" not in path else path, None
+        return absolute(path), None
     import pyarrow.fs
     import s3fs
 
