@@ -1,8 +1,11 @@
 """Preprocessing throughput: the decode floor, a full-decode baseline and our Ray Data job, on one corpus, one run.
 
-    .venv/bin/python benchmarks/preprocess.py --videos 24 --work /tmp/bench_preprocess
+    .venv/bin/python benchmarks/preprocess.py --videos 24 --work /tmp/bench_preprocess [--gop 10]
 
-Corpus: synthetic, 640x360, 30 fps, 10-30 s, h264 + AAC (generated once into WORK/corpus and reused).
+Corpus: synthetic, 640x360, 30 fps, 10-30 s, h264 + AAC, a keyframe every 2 s like camera files, or every ``--gop``
+seconds (generated once into WORK/corpus or WORK/corpus-gopN and reused). The interval decides what sampling saves:
+a sampled frame decodes from the keyframe before it, so keyframes closer than the frame spacing (1.25 s here) let the
+decoder skip most frames, while with long GOPs nearly every frame is decoded either way.
 Recipe everywhere: 10 s clips every 10 s, 8 frames per clip at the segment centres, the audio track as float mono.
     (a) decode floor     per file, nothing around it: decord opens it, get_batch decodes only the sampled frames,
                          PyAV decodes the audio track; no resize, no log-mel, no encoding, no writing.
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines import clips  # noqa: E402
 from pipelines.synthetic import generate_corpus, load_corpus  # noqa: E402
+from pipelines.synthetic.spec import GOP_SECONDS  # noqa: E402
 
 LENGTH_S, FRAMES = 10.0, 8
 
@@ -208,18 +212,20 @@ def main() -> None:
     p.add_argument("--videos", type=int, default=24)
     p.add_argument("--work", default="/tmp/bench_preprocess")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--gop", type=float, default=GOP_SECONDS, help="keyframe interval of the corpus, seconds")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
-    corpus_dir = work / "corpus"
+    corpus_dir = work / ("corpus" if args.gop == GOP_SECONDS else f"corpus-gop{args.gop:g}")
     try:
         corpus = load_corpus(corpus_dir)
-        if len(corpus.of_kind("pretrain")) != args.videos:
+        gops = {v["gop"] for v in corpus.of_kind("pretrain")}
+        if len(corpus.of_kind("pretrain")) != args.videos or gops != {max(1, round(args.gop * 30))}:
             raise FileNotFoundError
     except FileNotFoundError:
         shutil.rmtree(corpus_dir, ignore_errors=True)
         corpus = generate_corpus(corpus_dir, args.videos, seed=0, size=(640, 360), fps=30, duration=(10.0, 30.0),
-                                 workers=args.workers)
+                                 gop_seconds=args.gop, workers=args.workers)
     paths = [str(corpus.path(v)) for v in corpus.of_kind("pretrain")]
     seconds = sum(v["duration"] for v in corpus.of_kind("pretrain"))
     n, w = len(paths), args.workers
@@ -241,7 +247,8 @@ def main() -> None:
     rows.append(("(d) Ray Data alone, pass-through stages", alone["wall_s"], float("nan")))
     rows.append(("(c) - (d): our job less Ray Data alone", job_wall - alone["wall_s"], job_peak))
 
-    print(f"\ncorpus: {n} videos, {seconds:.0f} s of video, 640x360 30 fps; {w} cores\n")
+    print(f"\ncorpus: {n} videos, {seconds:.0f} s of video, 640x360 30 fps, a keyframe every {args.gop:g} s; "
+          f"{w} cores\n")
     print(f"| {'run':<42} | {'wall s':>7} | {'videos/s':>8} | {'video s/s':>9} | {'peak RSS GiB':>12} |")
     print(f"|{'-' * 44}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 14}|")
     for name, wall, peak in rows:

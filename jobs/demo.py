@@ -120,12 +120,12 @@ def stage_corpus(cfg: CorpusSection, work: Path) -> tuple[CorpusInfo, CorpusInfo
     from pipelines.synthetic import BROKEN_KINDS
 
     counts = {"pretrain": cfg.pretrain_videos, "broken": len(BROKEN_KINDS) if cfg.broken else 0}
-    options = {"size": None, "fps": None, "duration": None, "audio_rate": None}
+    options = {"size": None, "fps": None, "duration": None, "audio_rate": None, "gop_seconds": None}
     pretrain_corpus = _same_corpus(work / "corpus", cfg.seed, counts, options) or generate_corpus(
         work / "corpus", cfg.pretrain_videos, 0, cfg.seed, cfg.broken
     )
     size, duration = tuple(cfg.grounding_size), tuple(cfg.grounding_duration)
-    options = {"size": size, "fps": cfg.grounding_fps, "duration": duration, "audio_rate": None}
+    options = {"size": size, "fps": cfg.grounding_fps, "duration": duration, "audio_rate": None, "gop_seconds": None}
     grounding_corpus = _same_corpus(work / "corpus-grounding", cfg.seed, {"grounding": cfg.grounding_videos}, options)
     if grounding_corpus is None:
         grounding_corpus = generate_corpus(work / "corpus-grounding", 0, cfg.grounding_videos, cfg.seed,

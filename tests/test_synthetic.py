@@ -369,3 +369,13 @@ def test_cli_refuses_odd_sizes_naming_the_fix(tmp_path):
         main(["--out", str(tmp_path), "--videos", "1", "--seed", "0", "--size", "323x179"])
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--videos", "1", "--seed", "0", "--duration", "ten"])
+
+
+def test_cli_sets_the_keyframe_interval(tmp_path):
+    info = main(["--out", str(tmp_path), "--videos", "1", "--seed", "3", "--size", "64x48", "--fps", "10",
+                 "--duration", "6", "--gop", "2.5", "--workers", "1"])
+    (rec,) = info.videos
+    assert rec["gop"] == 25
+    assert list(decord.VideoReader(str(info.path(rec))).get_key_indices()) == [0, 25, 50]
+    with pytest.raises(ValueError, match="keyframe interval -1.0 s: must be > 0"):
+        Overrides(gop_seconds=-1.0)

@@ -1,7 +1,7 @@
 """Command line of the synthetic corpus generator.
 
     python -m pipelines.synthetic --out DIR --videos N --seed S [--grounding M] [--broken] [--size WxH] [--fps F]
-                                  [--duration A-B] [--audio-rate R] [--workers W]
+                                  [--duration A-B] [--audio-rate R] [--gop SECONDS] [--workers W]
 
 Example, the preprocessing benchmark's uniform corpus:
     python -m pipelines.synthetic --out /tmp/bench --videos 24 --seed 0 --size 640x360 --fps 30 --duration 10-30
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=int, help="force a frame rate")
     p.add_argument("--duration", type=_duration, help="force durations, SECONDS or LOW-HIGH")
     p.add_argument("--audio-rate", type=int, help="force an audio sample rate (Hz)")
+    p.add_argument("--gop", type=float, help="keyframe interval in seconds (default 2, like camera files)")
     p.add_argument("--workers", type=int, help="writer processes (default: one per core)")
     return p
 
@@ -52,4 +53,5 @@ def main(argv: list[str] | None = None) -> CorpusInfo:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return generate_corpus(args.out, args.videos, args.grounding, args.seed, args.broken, size=args.size,
-                           fps=args.fps, duration=args.duration, audio_rate=args.audio_rate, workers=args.workers)
+                           fps=args.fps, duration=args.duration, audio_rate=args.audio_rate, gop_seconds=args.gop,
+                           workers=args.workers)

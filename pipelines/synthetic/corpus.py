@@ -127,16 +127,17 @@ def default_workers() -> int:
 def generate_corpus(out_dir: str | Path, n_pretrain: int, n_grounding: int = 0, seed: int = 0, broken: bool = False,
                     *, size: tuple[int, int] | None = None, fps: int | None = None,
                     duration: tuple[float, float] | None = None, audio_rate: int | None = None,
-                    workers: int | None = None) -> CorpusInfo:
+                    gop_seconds: float | None = None, workers: int | None = None) -> CorpusInfo:
     """Write a synthetic corpus to ``out_dir`` (a local folder) and return what was written.
 
     ``size`` (width, height), ``fps``, ``duration`` (low, high seconds) and ``audio_rate`` force a uniform corpus;
-    left None, files follow the default mix (spec.PRETRAIN_MIX / GROUNDING_MIX). ``workers`` processes write files
+    left None, files follow the default mix (spec.PRETRAIN_MIX / GROUNDING_MIX). ``gop_seconds`` sets the keyframe
+    interval (default spec.GOP_SECONDS, like camera files; longer makes decoding a sampled frame dearer). ``workers`` processes write files
     in parallel (default: one per available core); they are spawned, so a script calling this with workers > 1
     needs the usual ``if __name__ == "__main__":`` guard. Same arguments => same files, byte for byte.
     """
     start = time.perf_counter()
-    overrides = Overrides(size=size, fps=fps, duration=duration, audio_rate=audio_rate)
+    overrides = Overrides(size=size, fps=fps, duration=duration, audio_rate=audio_rate, gop_seconds=gop_seconds)
     specs = plan_corpus(n_pretrain, n_grounding, seed, broken, overrides)
     root = Path(out_dir)
     for sub in sorted({Path(s.path).parent for s in specs}):
@@ -155,7 +156,8 @@ def generate_corpus(out_dir: str | Path, n_pretrain: int, n_grounding: int = 0, 
     manifest = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
-        "options": {"size": size, "fps": fps, "duration": duration, "audio_rate": audio_rate},
+        "options": {"size": size, "fps": fps, "duration": duration, "audio_rate": audio_rate,
+                    "gop_seconds": gop_seconds},
         "classes": [{"class": k, "colour": class_of(k)[0], "rgb": list(COLOURS[class_of(k)[0]]),
                      "shape": class_of(k)[1], "pitch_hz": class_of(k)[2]} for k in range(N_CLASSES)],
         "annotations": ANNOTATION_FILES if n_grounding else {},

@@ -100,6 +100,7 @@ class Media:
     n_frames: int
     audio_rate: int
     audio_channels: int
+    gop_seconds: float = GOP_SECONDS
 
     @property
     def duration(self) -> float:
@@ -111,7 +112,8 @@ class Media:
 
     @property
     def gop(self) -> int:
-        return max(1, round(GOP_SECONDS * self.fps))
+        """Keyframe interval in frames."""
+        return max(1, round(self.gop_seconds * self.fps))
 
 
 @dataclass(frozen=True)
@@ -124,16 +126,19 @@ class Profile:
     duration: tuple[float, float]
     audio_rate: int
     audio_channels: int
+    gop_seconds: float = GOP_SECONDS
 
 
 @dataclass(frozen=True)
 class Overrides:
-    """Force every file to one size / fps / duration range / audio rate (None keeps the default mix)."""
+    """Force every file to one size / fps / duration range / audio rate / keyframe interval (None keeps the
+    default mix, and keyframes every ``GOP_SECONDS``)."""
 
     size: tuple[int, int] | None = None
     fps: int | None = None
     duration: tuple[float, float] | None = None
     audio_rate: int | None = None
+    gop_seconds: float | None = None
 
     def __post_init__(self):
         if self.size is not None:
@@ -151,11 +156,13 @@ class Overrides:
                 raise ValueError(f"duration {lo}-{hi}: need 0 < low <= high seconds")
         if self.audio_rate is not None and self.audio_rate not in AUDIO_RATES:
             raise ValueError(f"audio rate {self.audio_rate}: AAC takes one of {AUDIO_RATES}")
+        if self.gop_seconds is not None and not self.gop_seconds > 0:
+            raise ValueError(f"keyframe interval {self.gop_seconds} s: must be > 0")
 
     def apply(self, p: Profile) -> Profile:
         w, h = self.size or (p.width, p.height)
         return replace(p, width=w, height=h, fps=self.fps or p.fps, duration=self.duration or p.duration,
-                       audio_rate=self.audio_rate or p.audio_rate)
+                       audio_rate=self.audio_rate or p.audio_rate, gop_seconds=self.gop_seconds or p.gop_seconds)
 
 
 @dataclass(frozen=True)
@@ -285,7 +292,8 @@ def draw_media(profile: Profile, rng: np.random.Generator) -> Media:
     lo, hi = profile.duration
     seconds = rng.uniform(lo, hi) if hi > lo else lo
     n_frames = max(g, round(seconds * profile.fps / g) * g)
-    return Media(profile.width, profile.height, profile.fps, n_frames, profile.audio_rate, profile.audio_channels)
+    return Media(profile.width, profile.height, profile.fps, n_frames, profile.audio_rate, profile.audio_channels,
+                 profile.gop_seconds)
 
 
 def _draw_beeps(n_frames: int, fps: int, rng: np.random.Generator) -> tuple[tuple[int, int], ...]:
