@@ -3,9 +3,8 @@
     .venv/bin/python benchmarks/preprocess.py --videos 24 --work /tmp/bench_preprocess [--gop 10]
 
 Corpus: synthetic, 640x360, 30 fps, 10-30 s, h264 + AAC, a keyframe every 2 s like camera files, or every ``--gop``
-seconds (generated once into WORK/corpus or WORK/corpus-gopN and reused). The interval decides what sampling saves:
-a sampled frame decodes from the keyframe before it, so keyframes closer than the frame spacing (1.25 s here) let the
-decoder skip most frames, while with long GOPs nearly every frame is decoded either way.
+seconds (generated once into WORK/corpus or WORK/corpus-gopN and reused): a sampled frame decodes from the keyframe
+before it, so the interval could change what sampling saves (measured 0.5-10 s in RESULTS.md: it changes little).
 Recipe everywhere: 10 s clips every 10 s, 8 frames per clip at the segment centres, the audio track as float mono.
     (a) decode floor     per file, nothing around it: decord opens it, get_batch decodes only the sampled frames,
                          PyAV decodes the audio track; no resize, no log-mel, no encoding, no writing.
