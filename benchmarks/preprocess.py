@@ -46,6 +46,7 @@ from pipelines.synthetic import generate_corpus, load_corpus  # noqa: E402
 from pipelines.synthetic.spec import GOP_SECONDS  # noqa: E402
 
 LENGTH_S, FRAMES = 10.0, 8
+FPS = 30  # the corpus's frame rate
 
 
 class PeakRSS(threading.Thread):
@@ -219,11 +220,11 @@ def main() -> None:
     try:
         corpus = load_corpus(corpus_dir)
         gops = {v["gop"] for v in corpus.of_kind("pretrain")}
-        if len(corpus.of_kind("pretrain")) != args.videos or gops != {max(1, round(args.gop * 30))}:
+        if len(corpus.of_kind("pretrain")) != args.videos or gops != {max(1, round(args.gop * FPS))}:
             raise FileNotFoundError
     except FileNotFoundError:
         shutil.rmtree(corpus_dir, ignore_errors=True)
-        corpus = generate_corpus(corpus_dir, args.videos, seed=0, size=(640, 360), fps=30, duration=(10.0, 30.0),
+        corpus = generate_corpus(corpus_dir, args.videos, seed=0, size=(640, 360), fps=FPS, duration=(10.0, 30.0),
                                  gop_seconds=args.gop, workers=args.workers)
     paths = [str(corpus.path(v)) for v in corpus.of_kind("pretrain")]
     seconds = sum(v["duration"] for v in corpus.of_kind("pretrain"))
@@ -246,7 +247,7 @@ def main() -> None:
     rows.append(("(d) Ray Data alone, pass-through stages", alone["wall_s"], float("nan")))
     rows.append(("(c) - (d): our job less Ray Data alone", job_wall - alone["wall_s"], job_peak))
 
-    print(f"\ncorpus: {n} videos, {seconds:.0f} s of video, 640x360 30 fps, a keyframe every {args.gop:g} s; "
+    print(f"\ncorpus: {n} videos, {seconds:.0f} s of video, 640x360 {FPS} fps, a keyframe every {args.gop:g} s; "
           f"{w} cores\n")
     print(f"| {'run':<42} | {'wall s':>7} | {'videos/s':>8} | {'video s/s':>9} | {'peak RSS GiB':>12} |")
     print(f"|{'-' * 44}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 14}|")

@@ -132,9 +132,9 @@ def generate_corpus(out_dir: str | Path, n_pretrain: int, n_grounding: int = 0, 
 
     ``size`` (width, height), ``fps``, ``duration`` (low, high seconds) and ``audio_rate`` force a uniform corpus;
     left None, files follow the default mix (spec.PRETRAIN_MIX / GROUNDING_MIX). ``gop_seconds`` sets the keyframe
-    interval (default spec.GOP_SECONDS, like camera files; longer makes decoding a sampled frame dearer). ``workers`` processes write files
-    in parallel (default: one per available core); they are spawned, so a script calling this with workers > 1
-    needs the usual ``if __name__ == "__main__":`` guard. Same arguments => same files, byte for byte.
+    interval (default spec.GOP_SECONDS, like camera files). ``workers`` processes write files in parallel (default:
+    one per available core); they are spawned, so a script calling this with workers > 1 needs the usual
+    ``if __name__ == "__main__":`` guard. Same arguments => same files, byte for byte.
     """
     start = time.perf_counter()
     overrides = Overrides(size=size, fps=fps, duration=duration, audio_rate=audio_rate, gop_seconds=gop_seconds)
