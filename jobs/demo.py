@@ -39,7 +39,7 @@ from jobs.cli import run
 from jobs.config import parse, write_resolved
 from pipelines.build_vocab import VocabSummary, build_and_save
 from pipelines.synthetic import CorpusInfo, generate_corpus, load_corpus
-from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION
+from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION, corpus_options
 from tvlt_core import shards
 from tvlt_core.eval import Report
 from tvlt_core.redaction import redact
@@ -103,14 +103,15 @@ class Shards:
 
 # --- stages -----------------------------------------------------------------------------------------------------------
 def _same_corpus(root: Path, seed: int, counts: dict[str, int], options: dict) -> CorpusInfo | None:
-    """The corpus already in ``root`` when it was made with these settings (rewriting identical files would
-    change their mtimes, and preprocessing would take them for changed videos)."""
+    """The corpus already in ``root`` when it was made with these settings (``options`` as ``corpus_options``
+    gives them); rewriting identical files would change their mtimes, and preprocessing would take them for changed
+    videos."""
     if not (root / CORPUS_JSON).exists():
         return None
     made = json.loads((root / CORPUS_JSON).read_text())
     info = load_corpus(root)
     found = {kind: len(info.of_kind(kind)) for kind in counts}
-    same_options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()} == made.get("options")
+    same_options = options == made.get("options")
     same_generator = made.get("format_version") == FORMAT_VERSION
     return info if same_generator and made.get("seed") == seed and found == counts and same_options else None
 
@@ -120,12 +121,11 @@ def stage_corpus(cfg: CorpusSection, work: Path) -> tuple[CorpusInfo, CorpusInfo
     from pipelines.synthetic import BROKEN_KINDS
 
     counts = {"pretrain": cfg.pretrain_videos, "broken": len(BROKEN_KINDS) if cfg.broken else 0}
-    options = {"size": None, "fps": None, "duration": None, "audio_rate": None, "gop_seconds": None}
-    pretrain_corpus = _same_corpus(work / "corpus", cfg.seed, counts, options) or generate_corpus(
+    pretrain_corpus = _same_corpus(work / "corpus", cfg.seed, counts, corpus_options()) or generate_corpus(
         work / "corpus", cfg.pretrain_videos, 0, cfg.seed, cfg.broken
     )
     size, duration = tuple(cfg.grounding_size), tuple(cfg.grounding_duration)
-    options = {"size": size, "fps": cfg.grounding_fps, "duration": duration, "audio_rate": None, "gop_seconds": None}
+    options = corpus_options(size=size, fps=cfg.grounding_fps, duration=duration)
     grounding_corpus = _same_corpus(work / "corpus-grounding", cfg.seed, {"grounding": cfg.grounding_videos}, options)
     if grounding_corpus is None:
         grounding_corpus = generate_corpus(work / "corpus-grounding", 0, cfg.grounding_videos, cfg.seed,

@@ -73,10 +73,10 @@ def test_main_job_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path, mon
 
 def test_a_corpus_from_an_older_generator_is_made_again(tmp_path):
     from pipelines.synthetic import generate_corpus
-    from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION
+    from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION, corpus_options
 
     generate_corpus(tmp_path, n_pretrain=1, seed=3, workers=1)
-    options = {"size": None, "fps": None, "duration": None, "audio_rate": None, "gop_seconds": None}
+    options = corpus_options()
     assert demo._same_corpus(tmp_path, 3, {"pretrain": 1}, options) is not None
     assert demo._same_corpus(tmp_path, 4, {"pretrain": 1}, options) is None
     made = json.loads((tmp_path / CORPUS_JSON).read_text())

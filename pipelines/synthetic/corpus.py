@@ -124,6 +124,15 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def corpus_options(*, size: tuple[int, int] | None = None, fps: int | None = None,
+                   duration: tuple[float, float] | None = None, audio_rate: int | None = None,
+                   gop_seconds: float | None = None) -> dict:
+    """The ``options`` entry of corpus.json for these ``generate_corpus`` arguments (tuples as JSON lists), so a
+    caller can tell whether a corpus on disk was made with the settings it wants."""
+    values = {"size": size, "fps": fps, "duration": duration, "audio_rate": audio_rate, "gop_seconds": gop_seconds}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
 def generate_corpus(out_dir: str | Path, n_pretrain: int, n_grounding: int = 0, seed: int = 0, broken: bool = False,
                     *, size: tuple[int, int] | None = None, fps: int | None = None,
                     duration: tuple[float, float] | None = None, audio_rate: int | None = None,
@@ -156,8 +165,8 @@ def generate_corpus(out_dir: str | Path, n_pretrain: int, n_grounding: int = 0, 
     manifest = {
         "format_version": FORMAT_VERSION,
         "seed": seed,
-        "options": {"size": size, "fps": fps, "duration": duration, "audio_rate": audio_rate,
-                    "gop_seconds": gop_seconds},
+        "options": corpus_options(size=size, fps=fps, duration=duration, audio_rate=audio_rate,
+                                  gop_seconds=gop_seconds),
         "classes": [{"class": k, "colour": class_of(k)[0], "rgb": list(COLOURS[class_of(k)[0]]),
                      "shape": class_of(k)[1], "pitch_hz": class_of(k)[2]} for k in range(N_CLASSES)],
         "annotations": ANNOTATION_FILES if n_grounding else {},
