@@ -7,20 +7,32 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: demo test test-fast test-slow clean-work setup
+.PHONY: demo test test-fast test-slow clean-work setup lock
 
 setup: $(STAMP)
 
-# uv resolves and installs the pinned dependencies (about 5 GB, mostly torch's CUDA wheels) much faster than pip.
+# The set-up installs exactly uv.lock, never a fresh resolution: on 2026-12-02 a new torchaudio release (2.11.1,
+# "torch>=2.11") made a range pin resolve to a wheel whose native library does not load against torch 2.11.0, and
+# every fresh install broke. `uv sync --locked` fails (naming the difference) when pyproject.toml and uv.lock
+# disagree, and removes whatever in .venv the lock does not hold. uv itself is bootstrapped at the version the
+# lock holds (it is a test dependency: the lock-drift test runs it). Upgrading: README "Upgrading dependencies".
 # --compile-bytecode: uv writes no .pyc files by default, and where PYTHONDONTWRITEBYTECODE is set (the dev machine,
 # many CI images) Python never caches them either, so every process (each Ray worker, each decoder child, each test
 # subprocess) compiled ray.data and torch from source again: 1.8 s and 1.6 s of CPU per process. Compiling once here
 # (about 30 s) halves the preprocessing job on the 24-video benchmark (benchmarks/RESULTS.md).
-$(STAMP): pyproject.toml Makefile
+UV_VERSION := $(shell awk '/^name = "uv"$$/ {getline; gsub(/[^0-9.]/, ""); print; exit}' uv.lock)
+
+$(STAMP): pyproject.toml uv.lock Makefile
+	test -n "$(UV_VERSION)" || { echo "uv.lock holds no uv version"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv>=0.5"
-	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv sync --locked --extra test --compile-bytecode --python $(BIN)/python
 	touch $(STAMP)
+
+# Re-resolve every dependency to the newest versions pyproject.toml allows, then run the tests and commit uv.lock
+# (README "Upgrading dependencies"). `make lock` alone re-locks without upgrading (after editing pyproject.toml).
+lock:
+	$(BIN)/uv lock $(if $(UPGRADE),--upgrade)
 
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo $(ARGS)

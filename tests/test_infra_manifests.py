@@ -11,7 +11,8 @@ How each part is validated:
 - The VM cluster config: Ray's cluster-launcher schema and Ray's own config preparation.
 - Entry points: every job command named in infra/ names an existing script and preset, and its arguments parse
   with the job's own parser (``--print_config``); training pods hold the ScalingConfig their config asks for.
-- Versions: image tags, rayVersion, Python, CUDA and MLflow agree with pyproject.toml and the installed packages.
+- Versions: image tags, rayVersion, Python, CUDA, uv and MLflow agree with the lock (uv.lock), pyproject.toml and
+  the installed packages; the image installs from the lock.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) leaves the re
     sys.path.insert(0, str(ROOT))
 
 from infra import schedule  # noqa: E402
+from tests.fixtures.lock import locked_versions  # noqa: E402
 
 INFRA = ROOT / "infra"
 K8S = INFRA / "k8s"
@@ -52,6 +54,7 @@ KUBERAY_SCHEMAS = sorted((K8S / "schemas").glob("kuberay-*.json"))
 # 1.30 is the oldest release still in the big providers' support windows.
 KUBE_VERSIONS = ("1.30", kubernetes_validate.latest_version())
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+LOCKED = locked_versions()
 # Secrets the recipes read, and their keys: the README's `kubectl create secret` lines create exactly these.
 SECRETS = {
     "tvlt-s3": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
@@ -232,7 +235,7 @@ def test_ray_clusters_agree_with_pyproject_and_keep_to_the_namespace():
 
     for label, doc in of_kind(*RAY_KINDS):
         spec = cluster_spec(doc)
-        assert Version(spec["rayVersion"]) == Version(ray.__version__), label
+        assert Version(spec["rayVersion"]) == Version(ray.__version__) == Version(LOCKED["ray"]), label
         assert spec["rayVersion"] in ray_pin.specifier, label
         assert spec["authOptions"]["mode"] == "token", f"{label}: Ray token authentication"
         assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", label
@@ -372,9 +375,14 @@ def test_installed_dependencies_carry_bytecode():
     assert re.search(r"^\s+UV_COMPILE_BYTECODE=1", DOCKERFILE.read_text(), re.M)
 
 
-def test_dockerfile_installs_from_pyproject_and_matches_python_and_cuda():
+def test_dockerfile_installs_the_lock_and_matches_python_and_cuda():
     text = DOCKERFILE.read_text()
-    assert "uv pip install -r pyproject.toml" in text and "uv pip install --no-deps -e ." in text
+    assert re.search(r"^COPY pyproject.toml uv.lock ./$", text, re.M), "the dependency layer must copy the lock"
+    installs = re.findall(r"^RUN .*\buv (sync|pip install)\b([^\n\\]*)", text, re.M)
+    assert installs == [("sync", " --locked --no-install-project"), ("sync", " --locked ")], installs
+    assert re.search(r"^\s+UV_PROJECT_ENVIRONMENT=/opt/venv", text, re.M)
+    uv_image = re.search(r"^FROM ghcr.io/astral-sh/uv:(\S+) AS uv$", text, re.M).group(1)
+    assert uv_image == LOCKED["uv"], "the image's uv is the version uv.lock holds (make setup bootstraps it)"
     for dep in PYPROJECT["project"]["dependencies"]:
         name = re.match(r"[A-Za-z0-9_.-]+", dep).group(0)
         assert not re.search(rf"\b{re.escape(name)}\s*(\[[^\]]*\])?\s*[=<>~!]=", text), f"{name} pinned twice"
@@ -397,6 +405,7 @@ def test_mlflow_server_image_matches_the_client():
     text = MLFLOW_DOCKERFILE.read_text()
     server = re.search(r"^ARG MLFLOW_VERSION=(\S+)", text, re.M).group(1)
     assert server in _dependency("mlflow").specifier
+    assert server == LOCKED["mlflow"], "the server image runs the MLflow version uv.lock gives the clients"
     assert Version(server).release[:2] == Version(mlflow.__version__).release[:2]
     images = {c["image"] for _, d in MANIFESTS for c in containers(d) if "mlflow" in c["image"]}
     assert images == {f"tvlt-mlflow:{server}"}

@@ -133,6 +133,18 @@ def _signal_all(pids: dict[int, int], sig: int) -> None:
                 pass
 
 
+def stop_session(leader: int, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every process of the session ``leader`` leads (a process started with ``start_new_session``) and of
+    their descendants, SIGKILL what is left after ``grace_s``. Only those: other Ray clusters on the machine stay
+    (``ray stop`` would stop every one)."""
+    members = _members(leader)
+    _signal_all(members, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(_alive(pid, t) for pid, t in members.items()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _signal_all(members, signal.SIGKILL)
+
+
 def _http_ok(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
@@ -364,12 +376,7 @@ class LocalCluster:
         info = self.state.get("services", {}).pop(name, None)
         if info and _alive(info["pid"], info["started"]):
             log.info("%s: stopping (pid %s)", name, info["pid"])
-            members = _members(info["pid"])
-            _signal_all(members, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
-            while any(_alive(pid, t) for pid, t in members.items()) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            _signal_all(members, signal.SIGKILL)
+            stop_session(info["pid"])
         proc = self._children.pop(name, None)
         if proc is not None:
             proc.wait(timeout=30)  # reap our own child so it does not linger as a zombie
