@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: demo test test-fast test-slow clean-work setup lock
+.PHONY: demo test test-fast test-slow clean-work setup lock upgrade
 
 setup: $(STAMP)
 
@@ -22,17 +22,24 @@ setup: $(STAMP)
 # (about 30 s) halves the preprocessing job on the 24-video benchmark (benchmarks/RESULTS.md).
 UV_VERSION := $(shell awk '/^name = "uv"$$/ {getline; gsub(/[^0-9.]/, ""); print; exit}' uv.lock)
 
-$(STAMP): pyproject.toml uv.lock Makefile
+$(BIN)/uv:
 	test -n "$(UV_VERSION)" || { echo "uv.lock holds no uv version"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+$(STAMP): pyproject.toml uv.lock Makefile $(BIN)/uv
 	UV_PROJECT_ENVIRONMENT=$(VENV) $(BIN)/uv sync --locked --extra test --compile-bytecode --python $(BIN)/python
 	touch $(STAMP)
 
-# Re-resolve every dependency to the newest versions pyproject.toml allows, then run the tests and commit uv.lock
-# (README "Upgrading dependencies"). `make lock` alone re-locks without upgrading (after editing pyproject.toml).
-lock:
-	$(BIN)/uv lock $(if $(UPGRADE),--upgrade)
+# `make lock`: re-lock after editing pyproject.toml (changes only what the edit needs).
+# `make upgrade`: move every package to the newest version pyproject.toml allows (PACKAGE=name for one), install
+# it and run every test; then commit uv.lock (README "Upgrading dependencies").
+lock: $(BIN)/uv
+	$(BIN)/uv lock
+
+upgrade: $(BIN)/uv
+	$(BIN)/uv lock $(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade)
+	$(MAKE) test
 
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo $(ARGS)
