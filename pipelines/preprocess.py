@@ -196,10 +196,13 @@ class Job:
         self.recipe = cfg.recipe()
         self.recipe_hash = shards.recipe_hash(self.recipe)
         self.started_ray = False
+        self.read_urls: dict[str, str] = {}
 
     def list_rows(self) -> list[dict]:
         cfg = self.cfg
         sources = list_sources(cfg.input, cfg.sources, cfg.storage)
+        # Signed URLs are read from the current listing only (a resumed plan holds none: they are credentials).
+        self.read_urls = {s.uri: s.read_url for s in sources if s.read_url}
         if cfg.mode == "pretrain":
             return state.plan_rows(sources)
         table = ann.load(cfg.grounding, cfg.storage)
@@ -334,7 +337,7 @@ class Job:
                                  storage=cfg.storage, recipe_hash=self.recipe_hash, work_url=out.work_url(gen.id),
                                  decode_timeout_s=cfg.resources.decode_timeout_s,
                                  clips_per_row=cfg.resources.clips_per_row, scratch_dir=cfg.resources.scratch_dir)
-        rows = [initial_row(r, i) for i, r in enumerate(todo)]
+        rows = [initial_row(r, i, self.read_urls.get(r["uri"], "")) for i, r in enumerate(todo)]
         reasons: Counter = Counter()
 
         # Concatenating a shard's parts is I/O: a driver thread does it while results keep coming (a Ray task

@@ -31,6 +31,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from tvlt_core.redaction import redact_text
+
 log = logging.getLogger(__name__)
 _HEADER = 8  # big-endian payload length
 _READY = b"ready\n"
@@ -152,7 +154,7 @@ class Sandbox:
         if reply[0] == "ok":
             return reply[1]
         if reply[0] == "bug":  # not the input's fault: fail the task (and, after Ray's retries, the job)
-            raise RuntimeError(f"sandboxed {name} failed with {reply[1]}: {reply[2]}\n{reply[3]}")
+            raise RuntimeError(redact_text(f"sandboxed {name} failed with {reply[1]}: {reply[2]}\n{reply[3]}"))
         raise SandboxError(*reply[1:])
 
     def call_with_retry(self, name: str, retries: int = 1, **kwargs) -> Any:

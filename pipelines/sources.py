@@ -7,6 +7,9 @@
                         one row per video: a URI column (``sources.uri_column``), optional ``size``/``etag``/``mtime``
                         columns and any extra columns, which are copied into every sample's record
 
+A source is identified by its credential-free URL (``Source.uri``); a URL that carries credentials (presigned,
+``user:pw@``) is kept apart as ``Source.read_url``, for reading only (``tvlt_core.redaction.public_uri``).
+
 A source's version is (size, etag, mtime) as the store reports it; an incremental run reprocesses a source when
 any of them changed. Listing runs in the driver: it is a few paginated LIST calls, not work to distribute.
 """
@@ -17,7 +20,7 @@ import json
 import logging
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +31,7 @@ import pyarrow.parquet
 
 from pipelines.config import SourceConfig, StorageConfig
 from tvlt_core import shards
-from tvlt_core.redaction import redact_text
+from tvlt_core.redaction import public_uri, redact, redact_text
 
 log = logging.getLogger(__name__)
 LIST_FILE_SUFFIXES = (".csv", ".jsonl", ".parquet")
@@ -41,13 +44,16 @@ class InputNotFound(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Source:
-    """One input object. ``uri`` is the full URL (local paths are absolute); ``extra`` holds list-file columns."""
+    """One input object. ``uri`` is its credential-free full URL (local paths are absolute): the source's identity,
+    and what every output records. ``read_url`` is what the readers open when it differs (a presigned URL or one
+    with userinfo, from a list file): it is never written anywhere. ``extra`` holds list-file columns."""
 
     uri: str
     size: int
     etag: str = ""
     mtime: str = ""
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    read_url: str = field(default="", hash=False, compare=False, repr=False)
 
     @property
     def sid(self) -> str:
@@ -55,9 +61,6 @@ class Source:
 
     def version(self) -> dict:
         return {"size": self.size, "etag": self.etag, "mtime": self.mtime}
-
-    def to_row(self) -> dict:
-        return asdict(self)
 
 
 def join(base: str, name: str) -> str:
@@ -127,33 +130,36 @@ def _list_file(url: str, cfg: SourceConfig, storage: StorageConfig) -> list[Sour
     base = posixpath.dirname(url)
     rows, missing_version = [], []
     for row in table.to_pylist():
-        uri = str(row.pop(cfg.uri_column))
-        if "://" not in uri and not uri.startswith("/"):
-            uri = join(base, uri)  # relative to the list file, like paths in a playlist
+        url = str(row.pop(cfg.uri_column))
+        if "://" not in url and not url.startswith("/"):
+            url = join(base, url)  # relative to the list file, like paths in a playlist
         version = {k: row.pop(k, None) for k in _VERSION_COLUMNS}
-        extra = json.loads(json.dumps(row, default=_text))  # plain JSON types only: they go into records
-        rows.append((uri, version, extra))
+        # plain JSON types only (they go into records), secret-named columns masked
+        extra = redact(json.loads(json.dumps(row, default=_text)))
+        rows.append((url, version, extra))
         if version["size"] is None:
-            missing_version.append(uri)
+            missing_version.append(url)
     # Objects the list gives no size for are looked up (HEAD requests, in parallel: it is I/O, not work).
     infos = _stat_all(missing_version, storage)
     sources = []
-    for uri, version, extra in rows:
-        if uri in infos:
-            info = infos[uri]
+    for url, version, extra in rows:
+        uri = public_uri(url)
+        read_url = url if url != uri else ""
+        if url in infos:
+            info = infos[url]
             if info is None:
                 # Listed but absent: it still goes through the pipeline and is quarantined with a reason.
-                sources.append(Source(uri=uri, size=-1, extra=extra))
+                sources.append(Source(uri=uri, size=-1, extra=extra, read_url=read_url))
                 continue
             version = {"size": info.size, "etag": info.etag, "mtime": info.mtime}
         sources.append(Source(uri=uri, size=int(version["size"]), etag=_text(version["etag"]),
-                              mtime=_text(version["mtime"]), extra=extra))
+                              mtime=_text(version["mtime"]), extra=extra, read_url=read_url))
     return sources
 
 
 def _stat_all(uris: list[str], storage: StorageConfig) -> dict[str, Source | None]:
-    def stat(uri: str) -> Source | None:
-        fs, path = filesystem(uri, storage)
+    def stat(url: str) -> Source | None:
+        fs, path = filesystem(url, storage)
         try:
             return _from_info(fs, fs.info(path))
         except FileNotFoundError:

@@ -60,10 +60,13 @@ class StageSettings:
     scratch_dir: str = ""
 
 
-def initial_row(plan_row: dict, order: int) -> dict:
-    """A plan row (``state.plan_rows``) as the graph's input: its position in the plan and empty stage columns."""
-    return {**plan_row, "order": order, "failure": "", "probe": "", "clips": "", "timing": "{}",
-            "queries": plan_row.get("queries", "[]")}
+def initial_row(plan_row: dict, order: int, read_url: str = "") -> dict:
+    """A plan row (``state.plan_rows``) as the graph's input: its position in the plan, the URL to read it from
+    (``read_url``: a presigned URL from the current listing, say; the row's ``uri`` when empty) and empty stage
+    columns. ``read_url`` lives only in the graph's rows: records, manifest and plan hold the credential-free
+    ``uri``."""
+    return {**plan_row, "order": order, "read_url": read_url or plan_row["uri"], "failure": "", "probe": "",
+            "clips": "", "timing": "{}", "queries": plan_row.get("queries", "[]")}
 
 
 def timed(row: dict, stage: str, seconds: float) -> dict:
@@ -115,7 +118,8 @@ class ProbeStage:
         if row["size"] < 0:
             return failed(row, "listing", "unreadable", "listed in the input list but not found in the store")
         try:
-            info = self.sandbox.call_with_retry("probe", uri=row["uri"], storage_options=s.storage.options(row["uri"]),
+            info = self.sandbox.call_with_retry("probe", uri=row["read_url"],
+                                                storage_options=s.storage.options(row["uri"]),
                                                 want_audio=s.mode == "pretrain")
         except SandboxError as e:
             return failed(row, "probe", e.reason or "probe_error", e.message)
@@ -183,7 +187,7 @@ class DecodeStage:
         frames_per_clip = s.grounding.frames if s.mode == "grounding" else s.clips.frames
         start = time.perf_counter()
         try:
-            path, scratch = _local_copy(row["uri"], s.storage, s.scratch_dir)
+            path, scratch = _local_copy(row["read_url"], s.storage, s.scratch_dir)
         except (FileNotFoundError, PermissionError) as e:  # gone or locked since it was listed and probed
             yield _segment_row(failed(row, "decode", "unreadable", f"download failed: {e}"), -1, 0)
             return

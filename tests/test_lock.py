@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def test_lock_check_fails_on_a_pin_bumped_without_relocking(tmp_path):
 
 def test_installed_packages_are_exactly_the_lock():
     locked = {canonicalize_name(name): version for name, version in locked_versions().items()}
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # The venv's own site-packages only: `import ray` puts ray/thirdparty_files (a vendored colorama) on sys.path.
+    site_packages = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    installed = {canonicalize_name(d.metadata["Name"]): d.version
+                 for d in metadata.distributions(path=sorted(site_packages))}
     # pip is what `python -m venv` seeds and the set-up bootstraps uv with; uv sync leaves it.
     extra = sorted(set(installed) - set(locked) - {"pip"})
     wrong = {name: (installed[name], locked[name]) for name in set(installed) & set(locked)

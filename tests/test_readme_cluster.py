@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from ray._private.utils import get_ray_address_file, read_ray_address
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # infra/ is a top-level folder of the repository, not an installed package
@@ -84,8 +85,13 @@ def test_readme_ray_start_head_and_job_submit_run_verbatim(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail(f"the README block ran past {BLOCK_TIMEOUT_S} s")
     finally:
+        started = read_ray_address()  # what the block's `ray start` recorded for later `ray.init()` calls
         stop_session(proc.pid)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        # `ray stop` would also forget the stopped cluster's address; left behind, every later `ray.init()` on
+        # the machine (the rest of the suite's) would try to connect to it instead of starting its own.
+        if started and read_ray_address() == started:
+            Path(get_ray_address_file(None)).unlink(missing_ok=True)
     assert not [p for p in PORTS if port_in_use(p)], "teardown left a service of the block running"
