@@ -1,7 +1,8 @@
 """A run's pinned data: the manifest as it was when the run started, kept in the run folder.
 
     snap, how = pin(run_folder, manifest_url, refresh=False)   # how: "new" | "kept" | "refreshed"
-    check_needs(snap, task_mode="pretrain", recipe_hash="")    # wrong data fails before any worker starts
+    check_needs(snap, task="tvlt-pretrain", mode="pretrain")   # wrong data fails before any worker starts
+    save(run_folder, snap)                                     # (when how is not "kept")
 
 Preprocessing on a schedule keeps adding generations to a shard folder and rewrites older shards (a changed source
 retires them). A worker group restarted by Ray Train, or a relaunch of the run, must read exactly the shards the
@@ -115,7 +116,7 @@ def save(run_folder: str, snap: DataSnapshot) -> str:
 
 def pin(run_folder: str, manifest_url: str, *, refresh: bool = False) -> tuple[DataSnapshot, Pinned]:
     """The run's snapshot: the one in ``run_folder`` when there is one, else (or with ``refresh``) a new one
-    of the live manifest, saved there. A relaunch naming another shard folder without ``refresh`` is refused:
+    of the live manifest, for the caller to ``save`` there after checking it. A relaunch naming another shard folder without ``refresh`` is refused:
     the run would silently keep training on the pinned one."""
     pinned = load(run_folder)
     if pinned is not None and not refresh:
@@ -130,8 +131,7 @@ def pin(run_folder: str, manifest_url: str, *, refresh: bool = False) -> tuple[D
             log.info("data: %s changed since the run started (generation %d -> %d); training on the snapshot "
                      "(data.refresh true moves the run to the new shards)", given, pinned.generation, live.generation)  # fmt: skip
         return pinned, "kept"
-    snap = take(manifest_url)
-    save(run_folder, snap)
+    snap = take(manifest_url)  # saved by the caller once it is known to fit the task (``save``)
     if pinned is not None:
         log.warning("data.refresh: run moved from snapshot %s (generation %d, %d samples) to %s (generation %d, %d "
                     "samples); the loader restarts its epoch", pinned.digest, pinned.generation, pinned.num_samples,
