@@ -4,6 +4,7 @@ and the loader on its own, so it is clear whether training waits for data.
     .venv/bin/python benchmarks/train_throughput.py                       # CPU: 1 and 2 workers x ZeRO 0/2/3, ~10 min
     .venv/bin/python benchmarks/train_throughput.py --workers 2 --stages 2 --steps 30
     .venv/bin/python benchmarks/train_throughput.py --gpu                 # one GPU: TVLT base, bf16 (needs CUDA)
+    .venv/bin/python benchmarks/train_throughput.py --verify-only         # the shard verification table alone
 
 CPU rows: each (workers, stage) is one training job through ``tvlt_core.train.ray_job.launch`` (the same code as
 ``jobs/pretrain.py``) on the tiny TVLT preset, with shards written here per the shard contract (8 JPEG frames of
@@ -13,6 +14,9 @@ CPU rows: each (workers, stage) is one training job through ``tvlt_core.train.ra
     data wait     share of rank 0's training-loop time spent waiting in ``next(batches)``
     loader        the loader alone (same batcher, same shards, no model), one rank: samples/s with 0 and 1
                   loader worker processes, and CPU ms per sample in-process (what a core must spend per sample)
+    verification  the loader alone, one rank in-process, with shard verification off, length (and sample count)
+                  only, and sha256 (data.verify): samples/s and CPU ms per sample, and the bare read (tar
+                  parsing, no decode) in MB/s, where verification's cost shows undiluted
 GPU row (``--gpu``): TVLT base in bf16 on one GPU, DeepSpeed ZeRO stage 0 in this process, synthetic batches from
 the loader's collate: samples/s, model FLOP utilisation (forward + backward FLOPs counted by
 torch.utils.flop_counter over the device's dense bf16 peak) and peak memory (torch.cuda.max_memory_allocated).
@@ -22,6 +26,7 @@ Prints a Markdown table (for benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import platform
@@ -36,7 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory without installing
 
 from tvlt_core import shards  # noqa: E402
-from tvlt_core.data import StreamingLoader, TvltBatcher  # noqa: E402
+from tvlt_core.data import ReadPolicy, StreamingLoader, TvltBatcher, snapshot  # noqa: E402
+from tvlt_core.data.stream import read_shard  # noqa: E402
 
 log = logging.getLogger("train_throughput")
 
@@ -65,17 +71,20 @@ def write_bench_shards(folder: str, num_shards: int, per_shard: int, seed: int =
                 sink.write(shards.encode_sample(shards.sample_key(f"bench://{n}", 0), frames, {"n": n}, mel=mel))
                 n += 1
         size = os.path.getsize(f"{folder}/{name}")
-        manifest.shards.append(shards.ShardEntry(name=name, samples=per_shard, bytes=size, generation=1))
+        digest = hashlib.sha256(Path(f"{folder}/{name}").read_bytes()).hexdigest()
+        manifest.shards.append(shards.ShardEntry(name=name, samples=per_shard, bytes=size, generation=1, sha256=digest))
     Path(shards.manifest_url(folder)).write_text(manifest.to_json())
     return folder
 
 
 # --- the loader alone ---------------------------------------------------------------------------------------------
-def loader_rate(manifest: str, batcher, batch_size: int, num_workers: int, batches: int) -> tuple[float, float]:
+def loader_rate(manifest: str, batcher, batch_size: int, num_workers: int, batches: int,
+                verify: str = "sha256") -> tuple[float, float]:  # fmt: skip
     """(samples/s, CPU ms per sample in this process) of one rank's loader, after its first batch (worker
     start-up excluded). With worker processes the decoding is theirs, so the CPU figure means something for 0 only;
     unlike wall time it hardly depends on what else the machine runs."""
-    loader = StreamingLoader(manifest, batcher, batch_size=batch_size, num_workers=num_workers, shuffle_buffer=32)
+    loader = StreamingLoader(manifest, batcher, batch_size=batch_size, num_workers=num_workers, shuffle_buffer=32,
+                             policy=ReadPolicy(verify=verify))  # fmt: skip
     it = iter(loader)
     next(it)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -83,6 +92,44 @@ def loader_rate(manifest: str, batcher, batch_size: int, num_workers: int, batch
         next(it)
     samples = batches * batch_size
     return samples / (time.perf_counter() - t0), 1000 * (time.process_time() - c0) / samples
+
+
+def read_rate(manifest: str, verify: str, passes: int) -> float:
+    """MB/s of reading every shard ``passes`` times through the loader's read stage (verification, tar parsing),
+    decoding nothing."""
+    snap = snapshot.take(manifest)
+    t0, size = time.perf_counter(), 0
+    for _ in range(passes):
+        for url, entry in zip(snap.urls(), snap.shards):
+            for sample in read_shard(url, entry, verify):
+                size += sum(len(v) for k, v in sample.items() if not k.startswith("__"))
+    return size / 2**20 / (time.perf_counter() - t0)
+
+
+def verify_table(manifest: str, batcher, batch: int, repeats: int = 3) -> str:
+    """Loader samples/s, CPU ms per sample and bare read MB/s with each verification level, interleaved
+    ``repeats`` times (so a load change on the machine hits all three alike); medians."""
+    modes = ("off", "length", "sha256")
+    runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    torch.set_num_threads(1)
+    for _ in range(repeats):
+        for mode in modes:
+            rate, cpu = loader_rate(manifest, batcher, batch, 0, batches=16, verify=mode)
+            runs[mode].append((rate, cpu, read_rate(manifest, mode, passes=2)))
+    torch.set_num_threads(os.cpu_count() or 1)
+    median = {m: [float(np.median([r[i] for r in runs[m]])) for i in range(3)] for m in modes}
+    lines = [
+        f"Shard verification, the loader alone: one rank in-process, batch {batch}, TVLT tiny batcher (64 px), "
+        f"median of {repeats} interleaved runs, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}.",
+        "",
+        "| data.verify | samples/s | CPU ms per sample | vs off | bare read MB/s | vs off |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for m in modes:
+        rate, cpu, read = median[m]
+        lines.append(f"| {m} | {rate:.1f} | {cpu:.1f} | {rate / median['off'][0]:.2f}x | {read:.0f} | "
+                     f"{read / median['off'][2]:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
 
 
 # --- CPU training rows --------------------------------------------------------------------------------------------
@@ -120,6 +167,9 @@ def cpu_table(args) -> str:
     manifest = write_bench_shards(f"{work}/shards", num_shards=8, per_shard=24)
     batcher = TvltBatcher(image_size=64, num_frames=8, patch_size=16, max_audio_frames=512)
     torch.set_num_threads(1)  # like one training rank's share of this machine
+    verification = verify_table(manifest, batcher, args.batch)
+    if args.verify_only:
+        return verification
     rates = {w: loader_rate(manifest, batcher, args.batch, w, batches=24) for w in (0, 1)}
     torch.set_num_threads(os.cpu_count() or 1)
     ray.init(num_cpus=max(2, max(args.workers)), include_dashboard=False, object_store_memory=256 * 2**20,
@@ -145,7 +195,7 @@ def cpu_table(args) -> str:
             f"| {r['workers']} | {r['stage']} | {r['samples_s']:.1f} | {r['samples_s'] / r['workers']:.1f} | "
             f"{100 * r['wait']:.0f}% | {r['job_s']:.0f} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ["", verification])
 
 
 # --- one GPU ------------------------------------------------------------------------------------------------------
@@ -215,6 +265,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps (each job runs twice as many)")
     p.add_argument("--batch", type=int, default=8, help="samples per worker per step")
     p.add_argument("--gpu", action="store_true", help="the GPU row instead of the CPU table")
+    p.add_argument("--verify-only", action="store_true", help="only the shard verification table (no training jobs)")
     p.add_argument("--gpu-batch", type=int, default=32)
     p.add_argument("--gpu-steps", type=int, default=20)
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU, for MFU")

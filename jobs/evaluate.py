@@ -108,7 +108,8 @@ class Evaluation:
             report.row(metric)
         except KeyError as e:
             raise ConfigError(f"evaluate: promote_metric: {e.args[0]}") from e
-        return promote(self.client, ref, report, self.cfg.promote, metric, lambda h: self.holder_value(h, metric))
+        return promote(self.client, ref, report, self.cfg.promote, metric, lambda h: self.holder_value(h, metric),
+                       digest=self.digest)  # fmt: skip
 
 
 @dataclass

@@ -21,14 +21,16 @@ from typing import Literal
 import fsspec
 
 from jobs.cli import run
+from jobs.training import launch_and_report, pinned_data
 from jobs.config import ConfigError, dump, parse, to_dict, write_resolved
 from tvlt_core import shards
+from tvlt_core.data.snapshot import DataSnapshot
 from tvlt_core.data.stream import read_shard
 from tvlt_core.models.tvp import TVP_PRESETS, TvpConfig
 from tvlt_core.text import TextTokenizer, build_vocab
 from tvlt_core.tracking import resolve_model_uri
 from tvlt_core.train.config import TrackingConfig, TrainingConfig
-from tvlt_core.train.ray_job import dataset_info, default_run_name, job_from_config, launch, run_folder, summary_table
+from tvlt_core.train.ray_job import default_run_name, job_from_config, run_folder
 from tvlt_core.train.tasks import TvpGroundingTask
 
 log = logging.getLogger("finetune_tvp")
@@ -94,16 +96,16 @@ class FinetuneConfig(TrainingConfig):
             )
 
 
-def query_sentences(manifest_url: str) -> list[str]:
-    """Every query sentence in the shards (reads only the JSON records' bytes, decodes no image)."""
+def query_sentences(data: DataSnapshot) -> list[str]:
+    """Every query sentence in the pinned shards (reads only the JSON records' bytes, decodes no image)."""
     sentences = []
-    for url in shards.shard_urls(manifest_url):
-        for raw in read_shard(url):
+    for url, entry in zip(data.urls(), data.shards):
+        for raw in read_shard(url, entry, verify="length"):
             sentences += [q["sentence"] for q in json.loads(raw[shards.JSON_EXT]).get("queries", [])]
     return sentences
 
 
-def prepare_tokenizer(cfg: FinetuneConfig, folder: str) -> TextTokenizer:
+def prepare_tokenizer(cfg: FinetuneConfig, folder: str, data: DataSnapshot) -> TextTokenizer:
     """The run's tokenizer, saved to ``folder`` (kept from an earlier attempt of the same run, so a resumed run
     tokenises exactly as before)."""
     fs, root = fsspec.core.url_to_fs(folder)
@@ -115,7 +117,7 @@ def prepare_tokenizer(cfg: FinetuneConfig, folder: str) -> TextTokenizer:
     if source:
         tokenizer = TextTokenizer.from_folder(source, cfg.text.max_text_length)
     else:
-        sentences = query_sentences(cfg.data.manifest)
+        sentences = query_sentences(data)
         if not sentences:
             raise ConfigError(f"finetune_tvp: no query sentences in {cfg.data.manifest}; are these grounding shards?")
         tokenizer = TextTokenizer.from_vocab(build_vocab(sentences, cfg.text.vocab_size), cfg.text.max_text_length)
@@ -127,22 +129,18 @@ def prepare_tokenizer(cfg: FinetuneConfig, folder: str) -> TextTokenizer:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(FinetuneConfig, argv, prog="finetune_tvp", description=__doc__.split("\n\n")[0])
     run_name = cfg.tracking.run_name or default_run_name("tvp-grounding")
-    try:
-        dataset = dataset_info(cfg.data.manifest)
-    except FileNotFoundError as e:
-        raise ConfigError(f"finetune_tvp: data.manifest {cfg.data.manifest}: no manifest.json there ({e})") from e
     folder = run_folder(cfg.checkpoint.storage_path, run_name)
-    tokenizer = prepare_tokenizer(cfg, f"{folder}/tokenizer")
+    # the data is pinned and checked before the tokenizer: a vocabulary is built from the pinned shards only
+    data, dataset = pinned_data(cfg, TvpGroundingTask(), folder, prog="finetune_tvp")
+    tokenizer = prepare_tokenizer(cfg, f"{folder}/tokenizer", data)
     task = TvpGroundingTask(
         model_config=cfg.model.build(vocab_size=tokenizer.vocab_size), tokenizer_dir=f"{folder}/tokenizer",
         max_text_length=cfg.text.max_text_length, init_from=cfg.checkpoint.init_from,
     )  # fmt: skip
     files = {"config.yaml": dump(cfg).encode()}
-    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files)
+    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files, pinned=data)
     write_resolved(cfg, folder)
-    result = launch(job)
-    print(summary_table(job, result.metrics or {}), flush=True)
-    return 0
+    return launch_and_report(job)
 
 
 if __name__ == "__main__":

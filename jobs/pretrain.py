@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from jobs.cli import run
-from jobs.config import ConfigError, dump, parse, to_dict, write_resolved
+from jobs.training import launch_and_report, pinned_data
+from jobs.config import dump, parse, to_dict, write_resolved
 from tvlt_core.models.tvlt import TVLT_PRESETS, TvltConfig
 from tvlt_core.train.config import TrackingConfig, TrainingConfig
-from tvlt_core.train.ray_job import dataset_info, default_run_name, job_from_config, launch, run_folder, summary_table
+from tvlt_core.train.ray_job import default_run_name, job_from_config, run_folder
 from tvlt_core.train.tasks import TvltPretrainTask
 
 log = logging.getLogger("pretrain")
@@ -77,16 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     task = TvltPretrainTask(
         model_config=cfg.model.build(), init_from=cfg.checkpoint.init_from, mismatch_prob=cfg.model.mismatch_prob
     )
-    try:
-        dataset = dataset_info(cfg.data.manifest)
-    except FileNotFoundError as e:
-        raise ConfigError(f"pretrain: data.manifest {cfg.data.manifest}: no manifest.json there ({e})") from e
+    folder = run_folder(cfg.checkpoint.storage_path, run_name)
+    data, dataset = pinned_data(cfg, task, folder, prog="pretrain")
     files = {"config.yaml": dump(cfg).encode()}
-    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files)
-    write_resolved(cfg, run_folder(cfg.checkpoint.storage_path, run_name))
-    result = launch(job)
-    print(summary_table(job, result.metrics or {}), flush=True)
-    return 0
+    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files, pinned=data)
+    write_resolved(cfg, folder)
+    return launch_and_report(job)
 
 
 if __name__ == "__main__":

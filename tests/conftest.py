@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 
@@ -108,7 +109,10 @@ def write_shards(folder, counts, *, frames=4, size=32, mel_lengths=(24, 40), sil
                     sample[shards.frame_ext(0)] = b"not a jpeg"
                 sink.write(sample)
                 n += 1
-        manifest.shards.append(shards.ShardEntry(name=name, samples=count, bytes=fs.size(f"{root}/{name}"), generation=1))
+        with fs.open(f"{root}/{name}", "rb") as f:  # the sha256 the preprocessing writer records
+            digest = hashlib.sha256(f.read()).hexdigest()
+        manifest.shards.append(shards.ShardEntry(name=name, samples=count, bytes=fs.size(f"{root}/{name}"), generation=1,
+                                                 sha256=digest))  # fmt: skip
     with fsspec.open(shards.manifest_url(url), "w") as f:
         f.write(manifest.to_json())
     return url

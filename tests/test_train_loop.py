@@ -100,12 +100,12 @@ def tiny_task() -> TvltPretrainTask:
     return TvltPretrainTask(model_config=tvlt_tiny(image_size=32, num_frames=4, spectrogram_length=64))
 
 
-def make_trainer(shards, rank, *, stage, max_steps, task=None, tracker=None, reports=None, registered=""):
+def make_trainer(shards, rank, *, stage, max_steps, task=None, tracker=None, reports=None, registered="", max_nonfinite=3):
     task = task or tiny_task()
     torch.manual_seed(0)
     model = task.build_model()
     loader = StreamingLoader(shards, task.batcher(model), batch_size=2, shuffle_buffer=3)
-    optim = OptimConfig(lr=2e-3, grad_accum_steps=2)
+    optim = OptimConfig(lr=2e-3, grad_accum_steps=2, max_nonfinite_steps=max_nonfinite)
     engine = build_engine(model, optim, ParallelConfig(num_workers=1, zero_stage=stage), 2, 1)
     settings = LoopSettings(
         optim, ScheduleConfig(max_steps=max_steps, warmup_steps=1), CheckpointConfig(every_steps=2),
@@ -161,16 +161,65 @@ class NanAfterFirstStep(TvltPretrainTask):
 
 def test_non_finite_loss_stops_before_the_update(shards, one_rank):
     task = NanAfterFirstStep(model_config=tiny_task().model_config)
-    trainer = make_trainer(shards, one_rank, stage=0, max_steps=3, task=task)
+    trainer = make_trainer(shards, one_rank, stage=0, max_steps=3, task=task, max_nonfinite=0)
     before = {}
-    with pytest.raises(NonFiniteLossError, match=r"step 2: non-finite loss on rank\(s\) \[0\].*optim.lr"):
+    with pytest.raises(NonFiniteLossError, match=r"step 2: non-finite loss on rank\(s\) \[0\].*optim\.max_nonfinite_steps 0.*optim.lr"):
         _, _, norm = trainer.train_step(batches := iter(trainer.loader))
         assert norm is not None and norm > 0, "stage 0 in fp32 reports a gradient norm too"
         before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
         trainer.train_step(batches)
-    assert trainer.step == 1
+    assert trainer.step == 2 and trainer.nonfinite_steps == 1
     for name, value in trainer.engine.module.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} changed by a non-finite step"
+
+
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not (an overflow in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NanGradientOnSteps(TvltPretrainTask):
+    """Gradients made non-finite on the given optimizer steps (1-based; two micro-batches per step)."""
+
+    bad_steps: tuple[int, ...] = ()
+
+    def forward(self, model, batch, device, dtype):
+        loss, parts, out = super().forward(model, batch, device, dtype)
+        self.calls = getattr(self, "calls", 0) + 1
+        if (self.calls + 1) // 2 in self.bad_steps:
+            loss = _NanGradient.apply(loss)
+        return loss, parts, out
+
+
+def weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in full_state_dict(trainer.engine, rank=0).items()}
+
+
+@pytest.mark.parametrize("stage", [0, 2])  # ours at stage 0, DeepSpeed's overflow check at ZeRO 1-3
+def test_a_non_finite_gradient_is_skipped_and_counted_then_stops_the_run(shards, one_rank, stage):
+    task = NanGradientOnSteps(model_config=tiny_task().model_config)
+    task.bad_steps = (2, 4)
+    trainer = make_trainer(shards, one_rank, stage=stage, max_steps=6, task=task, max_nonfinite=1)
+    batches = iter(trainer.loader)
+    parts, _, _ = trainer.train_step(batches)
+    assert parts["skipped"] == 0 and math.isfinite(parts["loss"])
+    after_one = weights(trainer)
+    parts, _, _ = trainer.train_step(batches)  # step 2: finite loss, NaN gradients
+    assert parts["skipped"] == 1 and math.isfinite(parts["loss"]) and trainer.nonfinite_steps == 1
+    for name, value in weights(trainer).items():
+        assert torch.equal(value, after_one[name]), f"{name} changed by the skipped step"
+    trainer.train_step(batches)  # step 3 trains again
+    assert any(not torch.equal(v, after_one[k]) for k, v in weights(trainer).items()), "step 3 updated the weights"
+    assert trainer.state_dict()["nonfinite_steps"] == 1, "the count is part of the checkpoint"
+    with pytest.raises(NonFiniteLossError, match=r"step 4: non-finite gradients.*2 such steps, more than optim\.max_nonfinite_steps 1"):
+        trainer.train_step(batches)
 
 
 def test_zero3_with_parameter_and_optimizer_offload_trains_and_restores(shards, one_rank, tmp_path):

@@ -120,6 +120,7 @@ class DatasetInfo:
     recipe_hash: str
     num_samples: int
     num_shards: int
+    digest: str = ""  # the run's data snapshot digest (tvlt_core.data.snapshot); "" = name the recipe only
 
 
 class RunTracker:
@@ -167,6 +168,9 @@ class RunTracker:
             tracker._note_changed_params(runs[0].data.params, params)
             attempts = int(runs[0].data.tags.get(ATTEMPTS_TAG, "1")) + 1
             client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
+            logged = {d.dataset.digest for d in runs[0].inputs.dataset_inputs}
+            if dataset is not None and dataset.digest and dataset.digest not in logged:  # data.refresh: new data
+                tracker._log_dataset(dataset)
             log.info("MLflow: continuing run %s (%s) after step %d, attempt %d", run_name, run_id, tracker.last_step, attempts)
         else:
             run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, ATTEMPTS_TAG: "1"})
@@ -208,7 +212,8 @@ class RunTracker:
         from mlflow.entities import DatasetInput, InputTag
 
         url = redact(info.manifest_url)
-        dataset = MetaDataset(resolve_dataset_source(url), name=url.rstrip("/").rsplit("/", 1)[-1], digest=info.recipe_hash)
+        dataset = MetaDataset(resolve_dataset_source(url), name=url.rstrip("/").rsplit("/", 1)[-1],
+                              digest=info.digest or info.recipe_hash)  # fmt: skip
         tags = {
             "mlflow.data.context": "training",
             "generation": str(info.generation),

@@ -2,6 +2,7 @@
 who reads what (``plan``), and the per-task batchers that turn decoded samples into model inputs (``batches``)."""
 
 from tvlt_core.data.batches import TvltBatcher, TvpBatcher
-from tvlt_core.data.stream import Batcher, StreamingLoader
+from tvlt_core.data.snapshot import DataSnapshot
+from tvlt_core.data.stream import Batcher, DataError, ReadPolicy, StreamingLoader
 
-__all__ = ["Batcher", "StreamingLoader", "TvltBatcher", "TvpBatcher"]
+__all__ = ["Batcher", "DataError", "DataSnapshot", "ReadPolicy", "StreamingLoader", "TvltBatcher", "TvpBatcher"]

@@ -2,7 +2,7 @@
 
     ref = resolve_ref("models:/tvp-grounding@champion", client)      # pinned: models:/tvp-grounding/3
     run_id = log_evaluation(client, report, ref, data=..., params=..., experiment="evaluation")
-    decision = promote(client, ref, report, "champion", "r1_iou0.5", incumbent_value)
+    decision = promote(client, ref, report, "champion", "r1_iou0.5", incumbent_value, digest=digest)
 
 An evaluation run holds the settings (params), the data (an MLflow dataset input with context "evaluation"), every
 metric of the report (references under ``<reference>/<metric>``), the table (the run's description and
@@ -14,6 +14,8 @@ field of their own, so tags are where the registry UI shows them).
 Promotion moves an alias to the evaluated version only when it is strictly better on the chosen metric than the
 version holding the alias now, measured on the same data with the same settings (read from the holder's tags when
 its ``eval.digest`` matches, else measured again by the caller). Nothing holding the alias yet counts as beaten.
+Evaluators promoting at once end with the best of them holding the alias, by a re-check that converges (MLflow
+has no compare-and-set on aliases; ``promote`` says why it is safe); a non-finite result never takes it.
 """
 
 from __future__ import annotations
@@ -140,27 +142,95 @@ class Promotion:
 
 
 def promote(client, ref: ModelRef, report: Report, alias: str, metric: str,
-            incumbent_value: Callable[[ModelRef], float]) -> Promotion:  # fmt: skip
-    """Move ``alias`` to ``ref`` when it beats the version holding the alias on ``metric`` (strictly: a tie keeps
-    the holder). ``incumbent_value(holder)`` gives the holder's score on the same data and settings."""
+            incumbent_value: Callable[[ModelRef], float], *, digest: str, rounds: int = 8,
+            pause: Callable[[str, int], None] = lambda stage, round_: None) -> Promotion:  # fmt: skip
+    """Move ``alias`` to the best of ``ref`` and every other version contending for it on the same data and
+    settings (``digest``), when that beats the version holding it (strictly: a tie keeps the holder).
+    ``incumbent_value(holder)`` gives the holder's score when its tags hold none for ``digest``.
+
+    MLflow has no compare-and-set on aliases, so two evaluators promoting at once could each read the holder,
+    and the slower writer win whatever it scored. Instead, a re-check that converges:
+
+    1. contend: tag the version ``eval.promote.<alias>`` = digest (its ``eval.<metric>`` tags are already there);
+    2. read the holder and every contender's score on this digest; the best is the holder unless a contender
+       strictly beats it (ties among contenders: the lowest version, so every evaluator picks the same);
+    3. if the holder is not that best, set the alias to it and go to 2; stop when a read finds the best holding.
+
+    Why it is safe: each evaluator contends before its first read, and stops only after a read, taken after its
+    own last write, that found the alias on the best of what it saw. Take the last write of all. Its writer's
+    final read came after it, so saw the alias as written and every contender that had contended by then, and
+    found it the best. Any later contender reads afterwards, sees that alias, and would have written (there is
+    no later write) had it been better. So the alias ends on the best contender, whatever the interleaving; a
+    stale write (decided on an old read) can show a worse version for a moment, until its writer's re-check or
+    another's puts the best back. A non-finite result never contends and never takes the alias. A version
+    that lost removes its contention tag; a holder keeps it, since a stale write could still displace it.
+    ``pause(stage, round)`` runs before contending, each "read" and each "write" (tests force interleavings)."""
     if not ref.registered:
         raise ValueError(f"promote: {ref.uri} is not a registered model version; evaluate models:/NAME@ALIAS or /VERSION")
     row = report.row(metric)
-    holder_version = client.get_registered_model(ref.name).aliases.get(alias)
-    if holder_version is None:
-        decision = Promotion(alias, metric, True, f"no version held @{alias}", row.value)
-    elif str(holder_version) == ref.version:
+    if not math.isfinite(row.value):
+        decision = Promotion(alias, metric, False, f"{metric} is {row.value}: a non-finite result never takes @{alias}", row.value)
+        log.info("%s %s", ref.describe(), decision.summary())
+        return decision
+    contend_tag = f"{TAG_PREFIX}promote.{alias}"
+    pause("contend", 0)
+    client.set_model_version_tag(ref.name, ref.version, contend_tag, digest)
+    outside: dict[str, float] = {}  # holders that are not contenders: their score, measured once
+    for round_ in range(rounds):
+        pause("read", round_)
+        holder = client.get_registered_model(ref.name).aliases.get(alias)
+        holder = str(holder) if holder is not None else None
+        first_holder = holder if round_ == 0 else first_holder
+        scores = contenders(client, ref.name, contend_tag, metric, digest)
+        if holder is not None and holder not in scores and holder not in outside:
+            outside[holder] = incumbent_value(ModelRef(uri=f"models:/{ref.name}/{holder}",
+                                                       load_uri=f"models:/{ref.name}/{holder}", name=ref.name,
+                                                       version=holder))  # fmt: skip
+        best = choose(holder, {**outside, **scores}, row.higher_is_better)
+        if best == holder:
+            return _decided(client, ref, row, alias, metric, holder, {**outside, **scores}, contend_tag, first_holder)
+        pause("write", round_)
+        client.set_registered_model_alias(ref.name, alias, best)
+    raise RuntimeError(f"promote: @{alias} of {ref.name} did not settle in {rounds} rounds of re-checking")
+
+
+def contenders(client, name: str, contend_tag: str, metric: str, digest: str) -> dict[str, float]:
+    """Versions contending for an alias on ``digest``, with their finite ``metric`` scored on it."""
+    found = {}
+    for v in client.search_model_versions(f"name='{name}'"):
+        tags = v.tags or {}
+        if tags.get(contend_tag) == digest and tags.get(TAG_PREFIX + "digest") == digest and TAG_PREFIX + metric in tags:
+            value = float(tags[TAG_PREFIX + metric])
+            if math.isfinite(value):
+                found[str(v.version)] = value
+    return found
+
+
+def choose(holder: str | None, scores: dict[str, float], higher_is_better: bool) -> str | None:
+    """The holder, unless a version strictly beats it; the best such (ties: the lowest version number)."""
+    sign = 1.0 if higher_is_better else -1.0
+    challengers = [v for v in scores if v != holder]
+    if not challengers:
+        return holder
+    best = max(challengers, key=lambda v: (sign * scores[v], -int(v)))
+    if holder is None or not math.isfinite(scores.get(holder, math.nan)):
+        return best
+    return best if sign * scores[best] > sign * scores[holder] else holder
+
+
+def _decided(client, ref: ModelRef, row, alias: str, metric: str, holder: str | None, scores: dict[str, float],
+             contend_tag: str, first_holder: str | None) -> Promotion:  # fmt: skip
+    if holder == ref.version == first_holder:
         decision = Promotion(alias, metric, False, f"version {ref.version} already holds @{alias}", row.value,
-                             str(holder_version), row.value)  # fmt: skip
+                             holder, row.value)  # fmt: skip
+    elif holder == ref.version:
+        was = f"version {first_holder} held it" if first_holder else f"no version held @{alias}"
+        decision = Promotion(alias, metric, True, f"{metric} {row.value:.4f}, the best of versions "
+                             f"{sorted(scores, key=int)} ({was})", row.value, first_holder or "")  # fmt: skip
     else:
-        holder = ModelRef(uri=f"models:/{ref.name}/{holder_version}", load_uri=f"models:/{ref.name}/{holder_version}",
-                          name=ref.name, version=str(holder_version))  # fmt: skip
-        theirs = incumbent_value(holder)
-        better = row.beats(theirs)
-        verdict = "beats" if better else "does not beat"
-        reason = f"{metric} {row.value:.4f} {verdict} version {holder_version}'s {theirs:.4f}"
-        decision = Promotion(alias, metric, better, reason, row.value, str(holder_version), theirs)
-    if decision.promoted:
-        client.set_registered_model_alias(ref.name, alias, ref.version)
+        client.delete_model_version_tag(ref.name, ref.version, contend_tag)  # lost: no longer a contender
+        theirs = scores.get(holder, math.nan) if holder is not None else math.nan
+        decision = Promotion(alias, metric, False, f"{metric} {row.value:.4f} does not beat version {holder}'s "
+                             f"{theirs:.4f}", row.value, holder or "", theirs)  # fmt: skip
     log.info("%s %s", ref.describe(), decision.summary())
     return decision

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tvlt_core.data.stream import ReadPolicy
+
 Precision = Literal["auto", "bf16", "fp32"]
 
 
@@ -22,12 +24,28 @@ class DataConfig:
     num_workers: int = 1  # loader worker processes per rank (0 = read in the training process)
     shuffle_buffer: int = 64  # raw samples held for shuffling per loader worker
     seed: int = 0
+    # The run reads the snapshot of the manifest it started on (<run folder>/data-snapshot.json); true: take a new
+    # snapshot of data.manifest now and continue the run on it (the loader restarts its epoch).
+    refresh: bool = False
+    recipe_hash: str = ""  # "" = any recipe of the task's mode; else the shards' recipe hash must be this one
+    verify: Literal["sha256", "length"] = "sha256"  # every shard's length and count always; sha256 unless "length"
+    on_damage: Literal["fail", "skip"] = "fail"  # a shard unlike its snapshot entry: stop naming it, or skip it
+    max_skip_share: float = 0.05  # share of a reader's samples per epoch it may skip before the rank fails
+    stall_timeout_s: float = 300.0  # a rank that prepares no sample for this long fails naming its shards
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
+        if not 0 <= self.max_skip_share <= 1:
+            raise ValueError(f"data.max_skip_share must be in [0, 1], got {self.max_skip_share}")
+        if self.stall_timeout_s <= 0:
+            raise ValueError(f"data.stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+
+    def read_policy(self) -> ReadPolicy:
+        return ReadPolicy(verify=self.verify, on_damage=self.on_damage, max_skip_share=self.max_skip_share,
+                          stall_timeout_s=self.stall_timeout_s)  # fmt: skip
 
 
 @dataclass
@@ -40,8 +58,13 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     grad_accum_steps: int = 1  # micro-batches per optimizer step
+    # Optimizer steps whose loss or gradients are not finite are skipped (no update) and counted; one more than
+    # this stops the run on every rank at the same step, without a Ray Train restart (it would recur).
+    max_nonfinite_steps: int = 3
 
     def __post_init__(self):
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"optim.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from tvlt_core import distributed
 from tvlt_core.checkpoint import write_folder
-from tvlt_core.data.stream import StreamingLoader
+from tvlt_core.data.stream import DataError, StreamingLoader
 from tvlt_core.tracking import DatasetInfo, RunTracker, model_card
 from tvlt_core.train.config import CheckpointConfig, OptimConfig, ScheduleConfig, TrackingConfig
 from tvlt_core.train.engine import full_state_dict, plain_grad_norm
@@ -45,7 +45,13 @@ DEEPSPEED_DIR = "deepspeed"
 
 
 class NonFiniteLossError(RuntimeError):
-    """A rank computed a NaN or infinite loss; every rank raises it at the same step, before any update."""
+    """More than ``optim.max_nonfinite_steps`` steps had a NaN or infinite loss or gradient on some rank; every
+    rank raises it at the same step, after skipping that step's update."""
+
+
+# Failures that recur when the same step is tried again (same data, same weights): a Ray Train restart would only
+# repeat them, so the job stops instead (``tvlt_core.train.ray_job``).
+DETERMINISTIC_FAILURES = (DataError, NonFiniteLossError)
 
 
 def rank_file(rank: int) -> str:
@@ -77,6 +83,7 @@ class _Window:
     samples: int = 0
     wait_s: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # steps that gave each part (a skipped step gives none)
     grad_norms: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -84,10 +91,14 @@ class _Window:
         self.steps += 1
         self.samples += samples
         self.wait_s += wait_s
-        if grad_norm is not None:  # DeepSpeed has none to give when it did not compute one (no clipping, stage 0)
+        if grad_norm is not None and math.isfinite(grad_norm):  # None: DeepSpeed computed none (no clipping)
             self.grad_norms.append(grad_norm)
         for k, v in parts.items():
             self.parts[k] = self.parts.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def mean(self, key: str) -> float:
+        return self.parts[key] / self.counts[key] if self.counts.get(key) else math.nan
 
 
 class Trainer:
@@ -111,6 +122,9 @@ class Trainer:
         self.samples_per_step = loader.batch_size * settings.optim.grad_accum_steps * rank.world_size
         self.last: tuple[dict[str, Any], Any] | None = None  # (batch, output) of the latest micro-batch
         self.last_metrics: dict[str, float] = {}
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient, over the whole run
+        self.stage = engine.zero_optimization_stage()
+        self._dropped = False
 
     # --- one optimizer step ------------------------------------------------------------------------------------------
     def lr(self, step: int) -> float:
@@ -120,36 +134,63 @@ class Trainer:
 
     def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, float], float, float | None]:
         """``grad_accum_steps`` micro-batches and one optimizer update. Returns (loss parts averaged over micro-
-        batches and ranks, seconds spent waiting for data, global gradient norm before clipping or None)."""
+        batches and ranks, seconds spent waiting for data, global gradient norm before clipping or None).
+
+        A step whose loss or gradients are not finite on some rank makes no update on any rank (DeepSpeed's
+        overflow check at ZeRO 1-3, ours at stage 0) and is counted; ``skipped`` in the parts is then 1."""
         lr = self.lr(self.step)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         totals: dict[str, float] = {}
         wait, accum = 0.0, self.s.optim.grad_accum_steps
-        norm = None
+        norm, bad_loss = None, ""
+        self._dropped = False
         self.engine.train()
         for micro in range(accum):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = self.next_batch(batches)
             wait += time.perf_counter() - t0
             loss, parts, output = self.task.forward(self.engine, batch, self.device, self.dtype)
-            for k, v in self.check_finite(parts).items():
+            averaged, bad = self.check_finite(parts)
+            bad_loss = bad_loss or bad
+            for k, v in averaged.items():
                 totals[k] = totals.get(k, 0.0) + v / accum
             self.engine.backward(loss)
-            if micro == accum - 1:
+            last = micro == accum - 1
+            if last:
                 norm = plain_grad_norm(self.engine)
-            self.engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+                self._dropped = bool(bad_loss or not self.stage0_grads_finite(norm)) and self.stage == 0
+            self.optimizer_step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             if self.tracker is not None:  # kept for the artifacts only where they are logged
                 self.last = (batch, output)
+        skipped = bool(bad_loss) or self._dropped or not self.engine.was_step_applied()
         self.step += 1
         self.samples_seen += self.samples_per_step
+        if skipped:
+            self.note_nonfinite(bad_loss or "gradients (the update was skipped)")
         if norm is None and self.engine.get_global_grad_norm() is not None:
             norm = float(self.engine.get_global_grad_norm())
-        return {**totals, "lr": lr}, wait, norm
+        return {**totals, "lr": lr, "skipped": float(skipped)}, wait, norm
 
-    def check_finite(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Average ``parts`` over ranks; raise ``NonFiniteLossError`` on every rank if any rank's loss is not
-        finite (one all-reduce: the values and a per-rank flag travel together)."""
+    def next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The next batch, agreed on by every rank: when any rank's loader fails (a damaged shard, too many skips,
+        a stall), every rank raises the same ``DataError`` here, before a collective in the forward could leave
+        the others waiting for it."""
+        failure, batch = "", None
+        try:
+            batch = next(batches)
+        except DataError as err:
+            failure = str(err)
+        flags = torch.zeros(self.rank.world_size, dtype=torch.float64)
+        flags[self.rank.rank] = float(bool(failure))
+        if distributed.all_reduce_sum(flags).sum() > 0:
+            messages = [m for m in distributed.all_gather_object(failure) if m]
+            raise DataError(f"step {self.step + 1}: " + " | ".join(messages))
+        return batch
+
+    def check_finite(self, parts: dict[str, torch.Tensor]) -> tuple[dict[str, float], str]:
+        """Average ``parts`` over ranks, and say which ranks' loss is not finite ("" when every rank's is; one
+        all-reduce: the values and a per-rank flag travel together)."""
         names = sorted(parts)
         world, here = self.rank.world_size, self.rank.rank
         values = torch.tensor([float(parts[n].detach().float()) for n in names] + [0.0] * world, dtype=torch.float64)
@@ -157,14 +198,49 @@ class Trainer:
             values[len(names) + here] = 1.0
         values = distributed.all_reduce_sum(values)
         bad = [r for r in range(world) if values[len(names) + r] > 0]
-        if bad:
-            local = {n: float(parts[n].detach().float()) for n in names}
+        if not bad:
+            return {n: float(values[i]) / world for i, n in enumerate(names)}, ""
+        local = {n: float(parts[n].detach().float()) for n in names}
+        return {}, f"loss on rank(s) {bad} (this rank {here}: {local})"
+
+    def stage0_grads_finite(self, norm: float | None) -> bool:
+        """At ZeRO stage 0 nothing in DeepSpeed checks the gradients (ZeRO 1-3 skip a non-finite step
+        themselves); after the boundary's all-reduce every rank holds the same gradients, so the same answer."""
+        if self.stage != 0:
+            return True
+        if norm is None:
+            grads = [p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        return math.isfinite(norm)
+
+    def optimizer_step(self) -> None:
+        """``engine.step()``; for a dropped stage-0 step without the optimizer's update. DeepSpeed's own step still
+        runs, so its micro-step and accumulation counters stay right; the gradients are zeroed (its clipping needs
+        finite ones) and the client optimizer's ``step`` is shadowed for this one call, leaving every parameter
+        and AdamW moment as it was (zero gradients alone would still decay the moments and the weights)."""
+        if not self._dropped:
+            self.engine.step()
+            return
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        optimizer = self.engine.optimizer
+        optimizer.step = lambda *args, **kwargs: None
+        try:
+            self.engine.step()
+        finally:
+            del optimizer.step
+
+    def note_nonfinite(self, what: str) -> None:
+        self.nonfinite_steps += 1
+        limit = self.s.optim.max_nonfinite_steps
+        log.warning("step %d: non-finite %s; skipped (%d of at most %d)", self.step, what, self.nonfinite_steps, limit)
+        if self.nonfinite_steps > limit:
             raise NonFiniteLossError(
-                f"step {self.step + 1}: non-finite loss on rank(s) {bad} (this rank {here}: {local}); stopped on "
-                f"every rank before the update. Lower optim.lr, raise schedule.warmup_steps or check the data; "
-                f"the run resumes from its last checkpoint when launched again."
+                f"step {self.step}: non-finite {what}; {self.nonfinite_steps} such steps, more than "
+                f"optim.max_nonfinite_steps {limit}: stopped on every rank, no update made. Lower optim.lr, raise "
+                f"schedule.warmup_steps or check the data; the run resumes from its last checkpoint when launched again."
             )
-        return {n: float(values[i]) / world for i, n in enumerate(names)}
 
     # --- the run -------------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -202,12 +278,14 @@ class Trainer:
 
     def log_window(self, w: _Window) -> None:
         elapsed = time.perf_counter() - w.started
-        metrics = {f"train/{k}": v / w.steps for k, v in w.parts.items() if k != "lr"}
+        metrics = {f"train/{k}": w.mean(k) for k in w.parts if k not in ("lr", "skipped")}
         if w.grad_norms:
             metrics["train/grad_norm"] = sum(w.grad_norms) / len(w.grad_norms)
         metrics.update({
-            "train/lr": w.parts["lr"] / w.steps,
+            "train/lr": w.mean("lr"),
             "train/epoch": float(self.loader.epoch),
+            "train/nonfinite_steps": float(self.nonfinite_steps),
+            **self.skip_metrics(),
             "perf/samples_per_s": w.samples / elapsed,
             "perf/data_wait_s": w.wait_s,
             "perf/data_wait_share": w.wait_s / elapsed,
@@ -218,9 +296,19 @@ class Trainer:
         eta = (self.s.schedule.max_steps - self.step) * elapsed / w.steps
         log.info(
             "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s  data wait %.0f%%  ETA %s",
-            self.step, self.s.schedule.max_steps, metrics["train/loss"], metrics["train/lr"],
+            self.step, self.s.schedule.max_steps, metrics.get("train/loss", math.nan), metrics["train/lr"],
             metrics["perf/samples_per_s"], 100 * metrics["perf/data_wait_share"], time.strftime("%H:%M:%S", time.gmtime(eta)),
         )  # fmt: skip
+
+    def skip_metrics(self) -> dict[str, float]:
+        """Samples and shards each rank's loader skipped so far (a collective: every rank logs at the same step)."""
+        counts = distributed.all_gather_object(self.loader.skipped())
+        metrics = {}
+        for r, c in enumerate(counts):
+            metrics[f"data/skipped_samples/rank{r}"] = float(c["samples"])
+            metrics[f"data/skipped_shards/rank{r}"] = float(c["shards"])
+        metrics["data/skipped_samples"] = float(sum(c["samples"] for c in counts))
+        return metrics
 
     def log_artifacts(self) -> None:
         if self.tracker is None or self.last is None:
@@ -246,10 +334,12 @@ class Trainer:
             "tag": f"step-{self.step:08d}",
             "world_size": self.rank.world_size,
             "loader": self.loader.state_dict(),
+            "nonfinite_steps": self.nonfinite_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.loader.load_state_dict(state["loader"])
 
     def save(self, folder: str) -> None:

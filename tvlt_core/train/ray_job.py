@@ -11,6 +11,13 @@ Faults and resuming. Each checkpoint is reported with ``ray.train.report(checkpo
 group and every rank restores the latest checkpoint (``ray.train.get_checkpoint``). Launching again with the same
 run name and storage path makes Ray find the run's checkpoint snapshot and resume it, finished or crashed.
 
+Data. ``pin_data`` (in the launcher, before any worker) keeps the run's data snapshot in its run folder and refuses
+shards of another mode or recipe; the ``TrainJob`` carries the snapshot, so workers, restarted ones included,
+never read the live manifest. Failures that would recur on a restart (a damaged shard, too many skipped samples,
+a stalled loader, too many non-finite steps: ``loop.DETERMINISTIC_FAILURES``) reach every rank at the same step;
+the ranks then end normally, rank 0 leaving the reason in ``<run folder>/stopped.json``, and ``launch`` raises
+``TrainingStopped`` with it: no ``max_failures`` restart is spent on them.
+
 Environment. Workers read S3 credentials and the MLflow address from their own environment: on a local Ray they
 inherit the launching process's; on a cluster they come from the nodes (Kubernetes secrets) or the job's
 runtime environment (``ray job submit --runtime-env-json '{"env_vars": {...}}'``). They are never put into the
@@ -19,13 +26,18 @@ job's config, so never into params, logs or checkpoints.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import fsspec
+
 from tvlt_core import distributed, shards
+from tvlt_core.data import snapshot
+from tvlt_core.data.snapshot import DataSnapshot
 from tvlt_core.redaction import redact
 from tvlt_core.tracking import DatasetInfo, RunTracker, tracking_uri
 from tvlt_core.train.config import (
@@ -40,6 +52,8 @@ from tvlt_core.train.config import (
 from tvlt_core.train.tasks import Task
 
 log = logging.getLogger(__name__)
+
+STOPPED_NAME = "stopped.json"  # in the run folder: why every rank stopped (read and removed by launch)
 
 
 @dataclass
@@ -57,13 +71,14 @@ class TrainJob:
     config: dict[str, Any] = field(default_factory=dict)  # resolved, secrets masked: MLflow params, model card
     files: dict[str, bytes] = field(default_factory=dict)  # logged with a new run (config.yaml)
     dataset: DatasetInfo | None = None
+    snapshot: DataSnapshot | None = None  # the pinned shards; None: a snapshot of data.manifest taken by each rank
     work_dir: str = "work"
     tracking_uri: str = ""  # resolved by launch() from the launching environment, so all ranks agree
 
 
 def job_from_config(
     cfg: TrainingConfig, task: Task, run_name: str, *, dataset: DatasetInfo, config: dict[str, Any],
-    files: dict[str, bytes],
+    files: dict[str, bytes], pinned: DataSnapshot | None = None,
 ) -> TrainJob:  # fmt: skip
     """A ``TrainJob`` from a job's config; ``config`` is the resolved config with secrets masked. A local
     ``data.manifest`` is made absolute: Ray Train workers run in their own folder, not the launcher's."""
@@ -71,7 +86,7 @@ def job_from_config(
     return TrainJob(
         task=task, data=data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
         parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=config, files=files,
-        dataset=dataset, work_dir=cfg.work_dir,
+        dataset=dataset, snapshot=pinned, work_dir=cfg.work_dir,
     )  # fmt: skip
 
 
@@ -95,6 +110,42 @@ def dataset_info(manifest_url: str) -> DatasetInfo:
     """The shards' identity for MLflow: URL, generation, recipe hash, sample and shard counts."""
     manifest = shards.load_manifest(manifest_url)
     return DatasetInfo(manifest_url, manifest.generation, manifest.recipe_hash, manifest.num_samples, len(manifest.shards))
+
+
+def pin_data(data: DataConfig, run_folder_url: str, *, task: str, mode: str) -> tuple[DataSnapshot, DatasetInfo]:
+    """The run's data snapshot (kept from an earlier launch unless ``data.refresh``), refused when it does not fit
+    the task (``ValueError`` naming both); and its identity for MLflow, whose digest is the snapshot's."""
+    snap, how = snapshot.pin(run_folder_url, absolute(data.manifest), refresh=data.refresh)
+    snapshot.check_needs(snap, task=task, mode=mode, recipe_hash=data.recipe_hash)
+    if how != "kept":  # only data that fits is pinned: a refused launch leaves the run free to start on other data
+        snapshot.save(run_folder_url, snap)
+    log.info("data: %s snapshot %s of %s (generation %d, %d samples in %d shards)", how, snap.digest, snap.folder,
+             snap.generation, snap.num_samples, len(snap.shards))  # fmt: skip
+    info = DatasetInfo(snap.folder, snap.generation, snap.recipe_hash, snap.num_samples, len(snap.shards), snap.digest)
+    return snap, info
+
+
+class TrainingStopped(RuntimeError):
+    """Every rank stopped on a failure that would recur on a restart (``loop.DETERMINISTIC_FAILURES``)."""
+
+
+def stop_marker(job: TrainJob) -> str:
+    return f"{run_folder(job.checkpoint.storage_path, job.run_name)}/{STOPPED_NAME}"
+
+
+def _write_stop(job: TrainJob, err: BaseException) -> None:
+    with fsspec.open(stop_marker(job), "w") as f:
+        f.write(json.dumps({"error": type(err).__name__, "message": str(err)}))
+
+
+def _read_stop(job: TrainJob) -> str | None:
+    fs, path = fsspec.core.url_to_fs(stop_marker(job))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        stopped = json.loads(f.read())
+    fs.rm(path)  # a relaunch (after fixing the cause) starts clean
+    return f"{stopped['error']}: {stopped['message']}"
 
 
 def summary_table(job: TrainJob, metrics: dict[str, Any]) -> str:
@@ -137,7 +188,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from tvlt_core.data.stream import StreamingLoader
     from tvlt_core.train.engine import build_engine
-    from tvlt_core.train.loop import LoopSettings, Trainer
+    from tvlt_core.train.loop import DETERMINISTIC_FAILURES, LoopSettings, Trainer
 
     job: TrainJob = config["job"]
     rank = distributed.current()  # Ray Train has set up the process group
@@ -146,9 +197,9 @@ def train_worker(config: dict[str, Any]) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     model = job.task.build_model()
     loader = StreamingLoader(
-        job.data.manifest, job.task.batcher(model), batch_size=job.data.batch_size, rank=rank.rank,
+        job.snapshot or job.data.manifest, job.task.batcher(model), batch_size=job.data.batch_size, rank=rank.rank,
         world_size=rank.world_size, num_workers=job.data.num_workers, seed=job.data.seed,
-        shuffle_buffer=job.data.shuffle_buffer,
+        shuffle_buffer=job.data.shuffle_buffer, policy=job.data.read_policy(),
     )  # fmt: skip
     engine = build_engine(model, job.optim, job.parallel, job.data.batch_size, rank.world_size)
     tracker = None
@@ -174,6 +225,14 @@ def train_worker(config: dict[str, Any]) -> None:
             job.run_name, loader.num_samples, loader.steps_per_epoch, rank.world_size, trainer.step, job.schedule.max_steps,
         )  # fmt: skip
         summary = trainer.train()
+    except DETERMINISTIC_FAILURES as err:
+        # every rank is here at the same step (the loop agrees on these): end normally so that Ray Train does not
+        # restart the group into the same failure; launch() raises it
+        trainer.close(status="FAILED")
+        if rank.is_main:
+            _write_stop(job, err)
+        log.error("stopped: %s", err)
+        return
     except BaseException:
         trainer.close(status="FAILED")  # a restart or a relaunch sets the MLflow run running again
         raise
@@ -222,4 +281,9 @@ def launch(job: TrainJob):
             checkpoint_config=RayCheckpointConfig(num_to_keep=job.checkpoint.keep),
         ),
     )  # fmt: skip
-    return trainer.fit()
+    _read_stop(job)  # a stale one from an earlier launch
+    result = trainer.fit()
+    stopped = _read_stop(job)
+    if stopped is not None:
+        raise TrainingStopped(f"run {job.run_name}: {stopped}")
+    return result

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 class Task(Protocol):
     name: str
     init_from: str
+    data_mode: str  # the shards' manifest mode it trains on ("pretrain" | "grounding"); others are refused
 
     def build_model(self) -> nn.Module: ...
 
@@ -92,6 +93,7 @@ class TvltPretrainTask:
     init_from: str = ""
     mismatch_prob: float = 0.5
     name: str = "tvlt-pretrain"
+    data_mode: str = "pretrain"
 
     def build_model(self) -> TvltForPreTraining:
         if not self.init_from:
@@ -158,6 +160,7 @@ class TvpGroundingTask:
     max_text_length: int = 32
     init_from: str = ""
     name: str = "tvp-grounding"
+    data_mode: str = "grounding"
 
     def tokenizer(self) -> TextTokenizer:
         return TextTokenizer.from_folder(self.tokenizer_dir, self.max_text_length)

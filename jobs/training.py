@@ -1,0 +1,41 @@
+"""What both training jobs do around ``launch``: pin and check the data before any worker starts, then launch and
+turn a deterministic stop into exit code 1 with its message.
+
+    data, dataset = pinned_data(cfg, task, run_folder_url, prog="pretrain")   # ConfigError: bad or wrong data
+    return launch_and_report(job)                                              # 0 done, 1 stopped
+"""
+
+from __future__ import annotations
+
+import logging
+
+from jobs.config import ConfigError
+from tvlt_core.data.snapshot import DataSnapshot
+from tvlt_core.tracking import DatasetInfo
+from tvlt_core.train.config import TrainingConfig
+from tvlt_core.train.ray_job import TrainingStopped, TrainJob, launch, pin_data, summary_table
+from tvlt_core.train.tasks import Task
+
+log = logging.getLogger("training")
+
+
+def pinned_data(cfg: TrainingConfig, task: Task, folder: str, *, prog: str) -> tuple[DataSnapshot, DatasetInfo]:
+    """The run's data snapshot and its MLflow identity; a missing manifest, data of another mode or recipe, or
+    another folder without ``data.refresh`` is a ``ConfigError`` (exit 2) naming the setting."""
+    try:
+        return pin_data(cfg.data, folder, task=task.name, mode=task.data_mode)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{prog}: data.manifest {cfg.data.manifest}: no manifest.json there ({e})") from e
+    except ValueError as e:
+        raise ConfigError(f"{prog}: {e}") from e
+
+
+def launch_and_report(job: TrainJob) -> int:
+    """Run the job; print its summary table (0), or the reason every rank stopped (1)."""
+    try:
+        result = launch(job)
+    except TrainingStopped as e:
+        log.error("%s", e)
+        return 1
+    print(summary_table(job, result.metrics or {}), flush=True)
+    return 0
