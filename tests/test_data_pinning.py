@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import signal
+import threading
 import time
 
 import pytest
@@ -19,6 +22,7 @@ from jobs.config import ConfigError
 from jobs.finetune_tvp import main as finetune_main
 from jobs.pretrain import main as pretrain_main
 from tests.fixtures.bounded import bounded
+from tests.fixtures.ray_workers import ray_train_workers
 from tvlt_core import shards as contract
 from tvlt_core.data import StreamingLoader, TvltBatcher, snapshot
 from tvlt_core.text import TextTokenizer, build_vocab
@@ -133,9 +137,9 @@ def job_argv(data, tmp_path, run_name, max_steps, *extra):
     ]  # fmt: skip
 
 
-def final_loader_states(tmp_path, run_name) -> list[dict]:
+def final_loader_states(base, run_name) -> list[dict]:
     """Every rank's loader state in the run's newest checkpoint (Ray Train names them in time order)."""
-    folder = tmp_path / "runs" / run_name
+    folder = base / "runs" / run_name
     newest = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))[-1]
     states = [json.loads(p.read_text()) for p in sorted(newest.glob("rank-*.json"))]
     assert len(states) == 2 and {s["step"] for s in states} == {8}, states
@@ -149,12 +153,33 @@ def the_run(client, run_name):
     return runs[0]
 
 
-def test_a_relaunch_after_an_incremental_run_trains_on_the_snapshot(ray_cluster, shard_writer, tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for name in ("a", "b"):
-        shard_writer(tmp_path / name, counts=[4, 3, 3], frames=8, size=64, mel_lengths=(40, 100))
-    assert bounded(lambda: pretrain_main(job_argv(tmp_path / "a", tmp_path, "straight", 8)), JOB_TIMEOUT_S)[0] == 0
+SHARDS = dict(counts=[4, 3, 3], frames=8, size=64, mel_lengths=(40, 100))
 
+
+@pytest.fixture(scope="module")
+def straight_run(ray_cluster, tmp_path_factory) -> list[dict]:
+    """Every rank's final loader state of an uninterrupted 8-step run on ``SHARDS`` (what the others must equal).
+
+    Its tars hold other header mtimes than the test's own copy of the same samples, so other sha256s: the digests
+    are dropped, the rest (epoch, ordinals read and buffered, shuffle state) names the samples."""
+    from tests.conftest import write_shards
+
+    base = tmp_path_factory.mktemp("straight")
+    write_shards(base / "a", **SHARDS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert bounded(lambda: pretrain_main(job_argv(base / "a", base, "straight", 8)), JOB_TIMEOUT_S)[0] == 0
+    states = final_loader_states(base, "straight")
+    for s in states:
+        s.pop("digest")
+    return states
+
+
+def test_a_relaunch_after_an_incremental_run_trains_on_the_snapshot(
+    ray_cluster, straight_run, shard_writer, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shard_writer(tmp_path / "b", **SHARDS)
     assert bounded(lambda: pretrain_main(job_argv(tmp_path / "b", tmp_path, "pinned", 4)), JOB_TIMEOUT_S)[0] == 0
     incremental_run(tmp_path / "b", retire="shard-00001.tar", add_samples=6)
     assert bounded(lambda: pretrain_main(job_argv(tmp_path / "b", tmp_path, "pinned", 8)), JOB_TIMEOUT_S)[0] == 0
@@ -162,12 +187,10 @@ def test_a_relaunch_after_an_incremental_run_trains_on_the_snapshot(ray_cluster,
     # the jobs seed no model initialisation, so weights differ between any two runs; what the data was is in the
     # final checkpoints: every rank's loader position (epoch, ordinals read and buffered, shuffle state) over the
     # snapshot it names. Equal positions over the same shard list are the same samples in the same order.
-    straight, pinned = final_loader_states(tmp_path, "straight"), final_loader_states(tmp_path, "pinned")
+    pinned = final_loader_states(tmp_path, "pinned")
     snap = snapshot.load(str(tmp_path / "runs" / "pinned"))
     assert {s.pop("digest") for s in pinned} == {snap.digest}, "the resumed loader read the snapshot"
-    for s in straight:  # folder a's tars hold other header mtimes, so other sha256s: the same samples, though
-        s.pop("digest")
-    assert pinned == straight, "the relaunched run read other samples than the straight one"
+    assert pinned == straight_run, "the relaunched run read other samples than the straight one"
     assert {s["num_samples"] for s in pinned} == {10}, "not the 13 samples of the changed manifest"
     client = MlflowClient(f"sqlite:///{tmp_path}/work/mlflow.db")
     run = the_run(client, "pinned")
@@ -200,3 +223,40 @@ def test_a_damaged_shard_stops_the_job_once_naming_it(ray_cluster, shard_writer,
     assert run.info.status == "FAILED"
     assert run.data.tags[ATTEMPTS_TAG] == "1", "no Ray Train restart spent on a failure that would recur"
     assert not (tmp_path / "runs" / "damaged" / "stopped.json").exists(), "read and removed by launch"
+
+
+@pytest.mark.slow  # a whole worker group started twice
+def test_a_worker_killed_after_an_incremental_run_resumes_on_the_snapshot(
+    ray_cluster, straight_run, shard_writer, tmp_path, monkeypatch
+):
+    """The restart case: an incremental run changes the folder under a running job, then a worker dies. The group
+    Ray Train restarts from the checkpoint reads the run's snapshot, not the changed manifest."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = tmp_path / "b"
+    shard_writer(folder, **SHARDS)
+    argv = job_argv(folder, tmp_path, "killed", 8)
+    outcome: dict = {}
+    job = threading.Thread(target=lambda: outcome.update(code=pretrain_main(argv)), daemon=True)
+    job.start()
+    committed = tmp_path / "runs" / "killed" / "checkpoint_manager_snapshot.json"
+    killed, deadline = None, time.monotonic() + JOB_TIMEOUT_S
+    while killed is None and job.is_alive() and time.monotonic() < deadline:
+        workers = ray_train_workers()
+        if committed.exists() and b"checkpoint_" in committed.read_bytes() and len(workers) == 2:
+            incremental_run(folder, retire="shard-00001.tar", add_samples=6)
+            killed = workers[-1].pid
+            os.kill(killed, signal.SIGKILL)  # the worker dies mid-run, no clean-up
+        time.sleep(0.05)
+    assert killed is not None, f"never saw a committed checkpoint with two live workers (job ended: {outcome})"
+    job.join(max(1.0, deadline - time.monotonic()))
+    assert not job.is_alive(), f"the job did not finish within {JOB_TIMEOUT_S} s"
+    assert outcome.get("code") == 0, outcome
+
+    run = the_run(MlflowClient(f"sqlite:///{tmp_path}/work/mlflow.db"), "killed")
+    assert run.data.tags[ATTEMPTS_TAG] == "2", "exactly one restart of the group"
+    assert 0 < int(run.data.tags["tvlt.resumed_from_step"]) < 8
+    assert snapshot.take(str(folder)).digest != snapshot.load(str(tmp_path / "runs" / "killed")).digest
+    states = final_loader_states(tmp_path, "killed")
+    snap = snapshot.load(str(tmp_path / "runs" / "killed"))
+    assert {s.pop("digest") for s in states} == {snap.digest}, "the restarted workers read the snapshot"
+    assert states == straight_run, "the restarted group read other samples than the uninterrupted run"

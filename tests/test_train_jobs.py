@@ -10,12 +10,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import fsspec
-import psutil
 import pytest
 import s3fs
 import torch
@@ -24,6 +22,8 @@ from mlflow import MlflowClient
 from jobs.config import ConfigError
 from jobs.finetune_tvp import main as finetune_main
 from jobs.pretrain import main as pretrain_main
+from tests.fixtures.bounded import bounded
+from tests.fixtures.ray_workers import ray_train_workers
 from tvlt_core.models.tvlt import TvltForPreTraining
 from tvlt_core.models.tvp import TvpForVideoGrounding, tvp_tiny_config
 from tvlt_core.text import TextTokenizer, build_vocab
@@ -32,25 +32,6 @@ from tvlt_core.train.engine import DEEPSPEED_STATE_CLASSES, SafeCheckpointEngine
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 600  # a rank waiting forever on another (uneven shards) fails the test instead of hanging CI
-
-
-def bounded(fn, timeout: float = JOB_TIMEOUT_S):
-    """Run ``fn()`` in a thread; fail if it has not returned after ``timeout`` seconds."""
-    out: dict = {}
-
-    def target():
-        try:
-            out["value"] = fn()
-        except BaseException as err:  # re-raised in the test's thread
-            out["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert not thread.is_alive(), f"the job did not finish within {timeout} s"
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def the_run(client: MlflowClient, experiment: str, run_name: str):
@@ -128,12 +109,13 @@ def test_zero2_on_uneven_shards_then_relaunch_resumes_the_same_run(ray_cluster, 
         "--parallel.zero_stage", "2", "--tracking.system_metrics", "false",
     ]  # fmt: skip
     # 13 samples in shards of 7, 1, 3 and 2 over 2 ranks: 3 steps per epoch on each, so 4 steps cross an epoch
-    assert bounded(lambda: pretrain_main([*argv, "--schedule.max_steps", "4"])) == 0
+    assert bounded(lambda: pretrain_main([*argv, "--schedule.max_steps", "4"]), JOB_TIMEOUT_S)[0] == 0
     client = MlflowClient(f"sqlite:///{tmp_path}/work/mlflow.db")
     run = the_run(client, "tvlt-pretrain", "uneven")
     assert logged_steps(client, run.info.run_id) == [1, 2, 3, 4]
 
-    assert bounded(lambda: pretrain_main([*argv, "--schedule.max_steps", "6"])) == 0  # a finished run, trained on
+    # a finished run, trained on
+    assert bounded(lambda: pretrain_main([*argv, "--schedule.max_steps", "6"]), JOB_TIMEOUT_S)[0] == 0
     run = the_run(client, "tvlt-pretrain", "uneven")
     assert logged_steps(client, run.info.run_id) == [1, 2, 3, 4, 5, 6], "no step repeated, none missing"
     assert run.data.tags[ATTEMPTS_TAG] == "2" and run.data.tags["tvlt.resumed_from_step"] == "4"
@@ -172,7 +154,7 @@ def test_tvp_finetunes_from_a_hugging_face_folder_and_registers_with_its_tokeniz
         "--tracking.run_name", "tvp", "--schedule.max_steps", "4", "--checkpoint.every_steps", "2",
         "--parallel.zero_stage", "0", "--tracking.system_metrics", "false", "--tracking.artifact_every_steps", "2",
     ]  # fmt: skip
-    assert bounded(lambda: finetune_main(argv)) == 0
+    assert bounded(lambda: finetune_main(argv), JOB_TIMEOUT_S)[0] == 0
     client = MlflowClient(f"sqlite:///{tmp_path}/work/mlflow.db")
     run = the_run(client, "tvp-grounding", "tvp")
     assert logged_steps(client, run.info.run_id) == [4]  # log_every_steps 5 in the preset: only the last step
@@ -190,18 +172,6 @@ def test_tvp_finetunes_from_a_hugging_face_folder_and_registers_with_its_tokeniz
 
 
 # --- a worker killed mid-run, shards and storage on s3://, MLflow through a server -------------------------------------
-def ray_train_workers(root_pid: int) -> list[psutil.Process]:
-    """The Ray Train worker processes under ``root_pid`` (the job started its own Ray: they are its descendants)."""
-    found = []
-    for proc in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
 @pytest.mark.slow  # its own Ray, an MLflow server, and a whole worker group started twice
 def test_a_killed_worker_restarts_the_group_from_the_checkpoint(
     s3_endpoint, mlflow_server, shard_writer, tmp_path, monkeypatch
