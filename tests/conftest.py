@@ -96,8 +96,9 @@ def write_shards(folder, counts, *, frames=4, size=32, mel_lengths=(24, 40), sil
                 record = {"n": n, "start": 0.0, "end": 1.0}
                 if grounding:
                     duration = 10.0 + n
+                    halves = [(1.0, duration / 2), (duration / 2 + 1.0, duration - 1.0)]  # two distinct events
                     record.update(duration=duration, queries=[
-                        {"sentence": SENTENCES[(n + q) % 3], "start": 1.0 + q, "end": duration - 2.0 + q} for q in range(2)
+                        {"sentence": SENTENCES[(n + q) % 3], "start": halves[q][0], "end": halves[q][1]} for q in range(2)
                     ])
                     mel = None
                 elif silent_every and n % silent_every == 0:

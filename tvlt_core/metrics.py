@@ -1,6 +1,7 @@
 """Evaluation metrics, vectorised: temporal grounding (TVP) and video-audio matching and retrieval (TVLT).
 
-Grounding: temporal IoU, R@1 at IoU thresholds, mIoU.
+Grounding: temporal IoU, R@1 at IoU thresholds, mIoU; and the query-swap test, which asks whether the prediction
+follows the sentence at all (``query_swap``).
 
 Segments are (start, end) pairs in any one unit (seconds or fractions of the duration), shape (N, 2).
 With one prediction per query (TVP predicts exactly one segment), R@1 at IoU m is the fraction of queries whose
@@ -56,6 +57,52 @@ def grounding_metrics(
     metrics = {f"R@1,IoU={m:g}": float(r) for m, r in zip(thresholds, recalls)}
     metrics["mIoU"] = float(iou.mean())
     return metrics
+
+
+# --- does the prediction follow the sentence (TVP) -----------------------------------------------------------------
+SWAP_IOU = 0.5  # "lands on an event": IoU >= this with its true segment; two events are distinct below it
+SWAP_KEYS = ("swap_lands_on_other", "swap_own_on_other", "swap_moved")
+
+
+def distinct_event_pairs(videos: Sequence[str], true: torch.Tensor, threshold: float = SWAP_IOU) -> torch.Tensor:
+    """(P, 2) index pairs ``(i, j)``, every ordered pair of queries of one video (``videos[i] == videos[j]``) whose
+    true segments are different events (IoU < ``threshold`` with each other). A video with one event has none."""
+    by_video: dict[str, list[int]] = {}
+    for index, video in enumerate(videos):
+        by_video.setdefault(video, []).append(index)
+    pairs = [(i, j) for members in by_video.values() for i in members for j in members if i != j]
+    if not pairs:
+        return torch.empty(0, 2, dtype=torch.long)
+    pairs_t = torch.tensor(pairs, dtype=torch.long)
+    true = torch.as_tensor(true, dtype=torch.float64)
+    distinct = temporal_iou(true[pairs_t[:, 0]], true[pairs_t[:, 1]]) < threshold
+    return pairs_t[distinct]
+
+
+def query_swap(
+    predicted: torch.Tensor, true: torch.Tensor, pairs: torch.Tensor, threshold: float = SWAP_IOU
+) -> dict[str, float]:
+    """What asking a video for its other event does, over ``pairs`` (``distinct_event_pairs``) of (Q, 2) segments.
+
+    For a pair (i, j), query j is the video asked with the other event's sentence in place of query i's, so
+    ``predicted[j]`` is that answer (the frames are the same; evaluation is deterministic). Per pair:
+
+        swap_lands_on_other   the other event's sentence puts the prediction on the other event (j on j)
+        swap_own_on_other     query i's own sentence already put it there (i on j): what a model that does not
+                              read the sentence would show as often as the line above
+        swap_moved            both: j lands on j and i does not. A model that ignores the sentence predicts one
+                              segment for both queries, so it scores exactly 0 here, whatever it predicts
+
+    Each is the share of pairs; NaN when there are none (no video with two distinct events).
+    """
+    if pairs.shape[0] == 0:
+        return dict.fromkeys(SWAP_KEYS, float("nan"))
+    predicted, true = torch.as_tensor(predicted, dtype=torch.float64), torch.as_tensor(true, dtype=torch.float64)
+    own, other = pairs[:, 0], pairs[:, 1]
+    lands = temporal_iou(predicted[other], true[other]) >= threshold
+    stays = temporal_iou(predicted[own], true[other]) >= threshold
+    shares = (lands.double().mean(), stays.double().mean(), (lands & ~stays).double().mean())
+    return {key: float(v) for key, v in zip(SWAP_KEYS, shares)}
 
 
 # --- matching and retrieval (TVLT) ----------------------------------------------------------------------------------

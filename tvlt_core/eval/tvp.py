@@ -11,6 +11,12 @@ computed on exactly the same queries:
                     guess that ignores the video and the sentence
 
 IoU does not change when both segments are scaled, so the baselines work in fractions of each video's duration.
+
+Beside them, the query-swap test (``tvlt_core.metrics.query_swap``): for every two distinct events of one video,
+does asking for the other event's sentence move the prediction onto that event, where the video's own sentence did
+not put it? A grounding score can beat both baselines without reading the sentence (by finding "an event"); the
+swap rows cannot: any prediction that ignores the sentence scores ``swap_moved`` 0 and lands on the other event as
+often with either sentence. The baselines are scored by the same rows (the best-constant one with its mIoU segment).
 """
 
 from __future__ import annotations
@@ -114,22 +120,51 @@ class TvpEvaluator:
         labels = [f"R@1 IoU={m:g}" for m in metrics.IOU_THRESHOLDS] + ["mIoU"]
         table = [Row(k, label, model[n], {"random": random[n], "best-constant": constant[n]})
                  for k, label, n in zip(keys, labels, names)]  # fmt: skip
+        pairs = metrics.distinct_event_pairs([r["key"] for r in rows], true)
+        table += swap_rows(predicted, true, durations, pairs, segment, settings)
         references = {
             "random": f"start and end drawn uniformly over the video, {settings.random_draws} draws per query",
             "best-constant": f"the best single (start, end) on a 1/{settings.constant_grid} grid of the duration for "
-            f"each metric, chosen on these answers (for mIoU: {segment[0]:.2f}-{segment[1]:.2f} of the duration)",
+            f"each metric, chosen on these answers (for mIoU and the swap rows: {segment[0]:.2f}-{segment[1]:.2f} of the duration)",
         }
-        counts = {"videos": sum(p["videos"] for p in parts), "queries": len(rows), "skipped": sum(p["skipped"] for p in parts)}
+        counts = {"videos": sum(p["videos"] for p in parts), "queries": len(rows), "swap_pairs": int(pairs.shape[0]),
+                  "skipped": sum(p["skipped"] for p in parts)}  # fmt: skip
         iou = metrics.temporal_iou(predicted, true).tolist()
         predictions = [{**r, "iou": round(v, 4)} for r, v in zip(rows, iou)]
         files = {"predictions.json": json.dumps(predictions, indent=1).encode()}
         return Report("tvp-grounding", table, references, counts, primary=KEYS[0.5], files=files)
 
 
+SWAP_LABELS = {
+    "swap_lands_on_other": "swap: other sentence lands on its event",
+    "swap_own_on_other": "swap: own sentence on the other event",
+    "swap_moved": "swap: moved by the sentence",
+}
+
+
+def swap_rows(predicted: torch.Tensor, true: torch.Tensor, durations: torch.Tensor, pairs: torch.Tensor,
+              segment: tuple[float, float], settings: EvalSettings) -> list[Row]:  # fmt: skip
+    """The query-swap rows of the model (``predicted`` and ``true`` in seconds) beside the random guess (averaged
+    over its draws) and the best-constant ``segment`` (both in fractions of each video's ``durations``)."""
+    model = metrics.query_swap(predicted, true, pairs)
+    fractions = true / durations
+    guesses = random_segments(fractions, settings.random_draws, settings.seed)
+    per_draw = [metrics.query_swap(guesses[:, d], fractions, pairs) for d in range(guesses.shape[1])]
+    random = {k: sum(d[k] for d in per_draw) / len(per_draw) for k in metrics.SWAP_KEYS}
+    constant = metrics.query_swap(fractions.new_tensor(segment).expand_as(fractions), fractions, pairs)
+    return [Row(k, SWAP_LABELS[k], model[k], {"random": random[k], "best-constant": constant[k]},
+                higher_is_better=k != "swap_own_on_other") for k in metrics.SWAP_KEYS]  # fmt: skip
+
+
+def random_segments(fractions: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """(Q, draws, 2) segments with start and end drawn uniformly over each video, in fractions of its duration."""
+    g = torch.Generator().manual_seed(seed_for(seed, "random-segment"))
+    return torch.rand(fractions.shape[0], draws, 2, generator=g, dtype=torch.float64).sort(dim=-1).values
+
+
 def random_segment_metrics(fractions: torch.Tensor, draws: int, seed: int) -> dict[str, float]:
     """Grounding metrics of uniformly random segments against (Q, 2) true segments in fractions of the duration."""
-    g = torch.Generator().manual_seed(seed_for(seed, "random-segment"))
-    guesses = torch.rand(fractions.shape[0], draws, 2, generator=g, dtype=torch.float64).sort(dim=-1).values
+    guesses = random_segments(fractions, draws, seed)
     return metrics.grounding_metrics(guesses.reshape(-1, 2), fractions.repeat_interleave(draws, dim=0))
 
 
