@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from pipelines.synthetic import CorpusInfo, generate_corpus, load_corpus
 from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION, corpus_options
 from tvlt_core import shards
 from tvlt_core.eval import Report
+from tvlt_core.ray_session import connect_ray
 from tvlt_core.redaction import redact
 from tvlt_core.tracking import tracking_uri
 
@@ -225,27 +225,6 @@ def mlflow_ui_command(work: Path) -> str:
     return f".venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
 
 
-def _start_ray() -> bool:
-    """One Ray for every stage (each job would otherwise start and stop its own); True when started here."""
-    import ray
-
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        return False
-    for attempt in range(1, 4):
-        try:
-            # the dashboard serves the State API Ray Train's placement-group cleaner polls (see train/ray_job.py)
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=True, object_store_memory=512 * 2**20)
-            return True
-        # Ray gives its raylet a fixed 30 s to register and then raises a bare Exception; on a machine busy with
-        # other work that can happen once, and a second start usually succeeds.
-        except Exception as err:  # noqa: BLE001 - re-raised after the last attempt
-            ray.shutdown()
-            if attempt == 3:
-                raise
-            log.warning("Ray did not start (%s); trying again (%d of 3)", err, attempt + 1)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(DemoConfig, argv, prog="demo", description=__doc__.split("\n\n")[0])
     work = Path(cfg.work_dir).resolve()
@@ -257,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((name, result, time.perf_counter() - clock))
         log.info("stage %s done in %.1f s: %s", name, rows[-1][2], result)
 
-    ray_started = _start_ray()
+    # one Ray for every stage (each job would otherwise start and stop its own)
+    ray_started = connect_ray(dashboard=True)
     try:
         t = time.perf_counter()
         pretrain_corpus, grounding_corpus = stage_corpus(cfg.corpus, work)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +35,7 @@ from pipelines.sources import list_sources
 from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
 from pipelines.stats import RunStats
 from tvlt_core import shards
+from tvlt_core.ray_session import connect_ray
 from tvlt_core.redaction import redact_text
 
 log = logging.getLogger(__name__)
@@ -53,18 +53,6 @@ class Result:
 
 
 # ------------------------------------------------------------------------------------------------------ Ray set-up
-def ensure_ray(res: ResourceConfig) -> bool:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray sized by ``res``. True if this call started it."""
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return True
-    ray.init(num_cpus=res.local_cpus or os.cpu_count(), object_store_memory=int(res.object_store_gib * GiB),
-             include_dashboard=False)
-    return True
-
-
 def decoder_count(res: ResourceConfig) -> int:
     """Decoders the cluster holds beside the probe actor, or ``res.decoders``."""
     if res.decoders:
@@ -277,7 +265,8 @@ class Job:
     def execute(self, manifest: shards.Manifest | None, plan: state.Plan, stats: RunStats, t0: float) -> RunStats:
         cfg, out = self.cfg, self.out
         if not self.started_ray and not ray.is_initialized():
-            self.started_ray = ensure_ray(cfg.resources)
+            res = cfg.resources
+            self.started_ray = connect_ray(cpus=res.local_cpus, object_store_bytes=int(res.object_store_gib * GiB))
         if manifest is None:
             manifest = shards.Manifest(mode=cfg.mode, recipe=self.recipe, recipe_hash=self.recipe_hash)
         if manifest.pending is None:

@@ -255,16 +255,13 @@ def test_a_killed_worker_restarts_the_group_from_the_checkpoint(
         assert secret not in text and password not in text
 
 
-@pytest.mark.parametrize("start", [
-    "from tvlt_core.train.ray_job import _init_ray; from tvlt_core.train.config import ParallelConfig; "
-    "_init_ray(ParallelConfig())",
-    "from jobs.demo import _start_ray; _start_ray()",
-])  # fmt: skip
-def test_a_local_ray_started_for_training_serves_the_state_api(start):
+def test_a_local_ray_started_for_training_serves_the_state_api():
     """Ray Train's placement-group cleaner polls the State API every second; on a local Ray without it the
-    cleaner logs a warning per poll for the rest of the session and never exits."""
+    cleaner logs a warning per poll for the rest of the session and never exits. Training and the main job start
+    theirs with ``connect_ray(..., dashboard=True)``."""
+    start = "from tvlt_core.ray_session import connect_ray\nassert connect_ray(need_cpus=3, dashboard=True)"
     # the address named: the session's own Ray (ray_cluster) may be running beside this one
-    code = (f"{start}\nimport ray\nfrom ray.util.state import list_actors\n"
+    code = (f"{start}\nimport ray\nassert ray.cluster_resources()['CPU'] >= 3\nfrom ray.util.state import list_actors\n"
             "list_actors(address=ray.get_runtime_context().gcs_address)\nray.shutdown()\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from tvlt_core.eval.report import Report
 from tvlt_core.eval.settings import EvalParallel, EvalSettings, EvalUnit, eval_units
 from tvlt_core.eval.tvlt import TvltEvaluator
 from tvlt_core.eval.tvp import TvpEvaluator
+from tvlt_core.ray_session import connect_ray
 from tvlt_core.tracking import resolve_model_uri
 
 log = logging.getLogger(__name__)
@@ -82,28 +82,13 @@ class EvalWorker:
         return self.evaluator.evaluate_unit(unit)
 
 
-def _init_ray(parallel: EvalParallel) -> bool:
-    """Connect to Ray unless connected; True when this call started a local Ray (which the caller shuts down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # the cluster's address (ray job submit / ray start)
-        return False
-    cpus = max(os.cpu_count() or 1, int(parallel.actors * parallel.cpus_per_actor + 0.999))
-    ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 2**20)
-    log.info("started a local Ray with %d CPUs (set RAY_ADDRESS to use a cluster)", cpus)
-    return True
-
-
 def run_on_ray(model_uri: str, units: list[EvalUnit], settings: EvalSettings, parallel: EvalParallel,
                tracking_uri: str) -> list[dict[str, Any]]:  # fmt: skip
     """Every unit's partial result, from ``parallel.actors`` actors (fewer when there are fewer units)."""
     import ray
     from ray.util import ActorPool
 
-    started = _init_ray(parallel)
+    started = connect_ray(need_cpus=parallel.actors * parallel.cpus_per_actor)
     actor_cls = ray.remote(num_cpus=parallel.cpus_per_actor, num_gpus=parallel.gpus_per_actor)(EvalWorker)
     actors = [actor_cls.remote(model_uri, settings, tracking_uri) for _ in range(min(parallel.actors, len(units)))]
     progress, parts = Progress(units), []

@@ -38,6 +38,7 @@ import fsspec
 from tvlt_core import distributed, shards
 from tvlt_core.data import snapshot
 from tvlt_core.data.snapshot import DataSnapshot
+from tvlt_core.ray_session import connect_ray
 from tvlt_core.redaction import redact
 from tvlt_core.tracking import DatasetInfo, RunTracker, tracking_uri
 from tvlt_core.train.config import (
@@ -241,21 +242,6 @@ def train_worker(config: dict[str, Any]) -> None:
         log.info("summary:\n%s", "\n".join(f"  {k:<32} {v:.6g}" for k, v in summary.items()))
 
 
-def _init_ray(parallel: ParallelConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()  # the cluster's address (ray job submit / ray start) decides resources
-        return
-    cpus = max(os.cpu_count() or 1, int(parallel.num_workers * parallel.cpus_per_worker + 0.999))
-    # With the dashboard: it serves the State API, which Ray Train's placement-group cleaner polls every second
-    # (without it the cleaner logs a warning per poll for the rest of the session and never exits).
-    ray.init(num_cpus=cpus, include_dashboard=True, object_store_memory=256 * 2**20, log_to_driver=True)
-    log.info("started a local Ray with %d CPUs (set RAY_ADDRESS to use a cluster)", cpus)
-
-
 def launch(job: TrainJob):
     """Run ``job`` on ``parallel.num_workers`` Ray Train workers; returns Ray's ``Result``."""
     from ray.train import CheckpointConfig as RayCheckpointConfig
@@ -265,7 +251,7 @@ def launch(job: TrainJob):
     p = job.parallel
     job.work_dir = os.path.abspath(job.work_dir)  # workers do not share the driver's current directory
     job.tracking_uri = job.tracking_uri or tracking_uri(job.work_dir)
-    _init_ray(p)
+    connect_ray(need_cpus=p.num_workers * p.cpus_per_worker, dashboard=True)  # a local Ray lives until the process ends
     resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {})}
     storage_path, filesystem = _storage(job.checkpoint.storage_path)
     trainer = TorchTrainer(
