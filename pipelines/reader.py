@@ -5,7 +5,8 @@
     decode_frames(path, times, resize)
                                decord: frames at given instants (rotation applied by decord from the display
                                matrix), clip by clip, resized here -> per clip (T, h, w, 3) uint8 RGB, or None
-                               for a clip a damaged packet makes undecodable (``lost``)
+                               for a clip a damaged packet makes undecodable, or that needs a frame
+                               FFmpeg can only conceal once decord met damage in the file (``lost``)
     decode_audio_windows(...)  PyAV: the audio of each clip as float32 mono at its own rate, decoded forward
     release()                  close the reader and the audio stream of the current file
 
@@ -121,6 +122,7 @@ def _probe(uri: str, storage_options: dict, want_audio: bool, stack: contextlib.
 
 # -------------------------------------------------------------------------------------------------------- decode
 LOST_FRAMES = "undecodable_frames"  # a clip lost to damage: decord cannot decode the frames it needs
+LOST_CONCEALED = "concealed_frames"  # a clip lost to damage: it needs a frame only error concealment decodes
 LOST_AUDIO = "undecodable_audio"  # a clip lost to damage: the decoder refused audio packets inside it
 _FRAMES_PER_BATCH = 8  # at most this many frames decoded at once (at source resolution) before they are resized
 _BATCH_BYTES = 64 * 1024**2  # and at most this many bytes of them: 2 frames of 4K, 8 of 1080p
@@ -276,6 +278,7 @@ class _Current:
     reader: decord.VideoReader | None = None
     frame_starts: np.ndarray | None = None
     audio: _AudioStream | None = None
+    packets: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ``_video_packets``, once damage was met
 
 
 _current = _Current()
@@ -314,10 +317,11 @@ def decode_frames(path: str, times: list[list[float]], resize: FrameResize | Non
     ``frame_size`` (height, width, from the probe) sizes the batches and the memory check (``check_fits``).
 
     Returns ``{"frames": [uint8 (T, h, w, 3) per clip, or None for a lost clip], "indices": [[int]],
-    "frame_times": [[float]], "lost": {clip position: [reason, error]}}``, frames as displayed (decord applies the display
-    matrix's rotation), at source resolution when ``resize`` is None. A clip whose frames decord cannot decode
-    (a damaged packet on the way from its keyframe) is lost on its own: the reader is reopened and the next clip
-    decodes as if the damage were not there.
+    "frame_times": [[float]], "lost": {clip position: [reason, error]}}``, frames as displayed (decord applies
+    the display matrix's rotation), at source resolution when ``resize`` is None. A clip whose frames decord cannot
+    decode (a damaged packet on the way from its keyframe) is lost on its own: the reader is reopened and the next
+    clip decodes as if the damage were not there. Once decord met damage in a file, the clips it did decode are
+    checked for concealment (``_concealed``) and lost when they needed a concealed packet.
     """
     check_fits(*frame_size)
     per_batch = batch_frames(*frame_size)
@@ -332,8 +336,55 @@ def decode_frames(path: str, times: list[list[float]], resize: FrameResize | Non
             frames.append(None)
             lost[k] = [LOST_FRAMES, f"frames {idx[0]}-{idx[-1]}: {str(e).split('] ')[-1]}"[:500]]
             _current.reader = None  # decord's state after an error is unknown: the next clip reopens the file
+    if lost or _current.packets is not None:
+        for k, why in _concealed(path, [starts[idx] for idx in per_clip]).items():
+            if k not in lost:
+                frames[k], lost[k] = None, [LOST_CONCEALED, why]
     return {"frames": frames, "indices": [idx.tolist() for idx in per_clip],
             "frame_times": [starts[idx].round(6).tolist() for idx in per_clip], "lost": lost}
+
+
+def _video_packets(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pts in s, is keyframe, refused) of every video packet in decode order, decoded by PyAV (FFmpeg 8) on one
+    thread with ``err_detect=explode``: a packet whose slices would need concealment is refused instead."""
+    pts, keys, refused = [], [], []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1  # errors belong to the packet that caused them
+        stream.codec_context.options = {"err_detect": "explode"}
+        for packet in container.demux(stream):
+            if packet.pts is None:
+                continue
+            try:
+                stream.codec_context.decode(packet)
+                bad = False
+            except av.error.FFmpegError:
+                bad = True
+            pts.append(float(packet.pts * packet.time_base))
+            keys.append(packet.is_keyframe)
+            refused.append(bad)
+    return np.array(pts), np.array(keys, dtype=bool), np.array(refused, dtype=bool)
+
+
+def _concealed(path: str, clip_times: list[np.ndarray]) -> dict[int, str]:
+    """Clips (by position) whose decode chain holds a packet FFmpeg would have to conceal: the packets in decode
+    order from the last keyframe at or before the clip's first frame to the last of its frames. Scanned once per
+    file, only in files where decord met damage (a second decode of every file would double the decode cost)."""
+    if _current.packets is None:
+        _current.packets = _video_packets(path)
+    pts, keys, refused = _current.packets
+    out = {}
+    for k, times in enumerate(clip_times):
+        wanted = np.flatnonzero(np.isin(np.round(pts, 3), np.round(times, 3)))
+        starts = np.flatnonzero(keys & (pts <= times.min() + 1e-6))
+        if not len(wanted) or not len(starts):
+            continue
+        chain = slice(starts[-1], wanted.max() + 1)
+        if refused[chain].any():
+            at = pts[chain][refused[chain]][0]
+            out[k] = f"frames at {times.min():.3f}-{times.max():.3f} s need the packet at {at:.3f} s, which FFmpeg " \
+                     "can only decode with error concealment"
+    return out
 
 
 def decode_audio_windows(path: str, windows: list[list[float]]) -> dict:
@@ -364,7 +415,7 @@ def decode_audio_windows(path: str, windows: list[list[float]]) -> dict:
 def release() -> None:
     if _current.audio is not None:
         _current.audio.close()
-    _current.path = _current.reader = _current.frame_starts = _current.audio = None
+    _current.path = _current.reader = _current.frame_starts = _current.audio = _current.packets = None
 
 
 # Errors that mean "this input is bad" (quarantine it); anything else is a bug and fails the job.

@@ -17,7 +17,7 @@ from pathlib import Path
 import decord
 import numpy as np
 import pytest
-from fixtures.odd_media import bit_rot, write_cheap_long, write_video
+from fixtures.odd_media import bit_rot, damage_packets, write_cheap_long, write_video
 
 from jobs.preprocess import main
 from pipelines import clips, reader
@@ -36,9 +36,11 @@ def media(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("damage_media")
     clean = write_video(folder / "clean.mp4", width=320, height=180, seconds=12.0)
     shutil.copy(clean, folder / "bitrot.mp4")
+    shutil.copy(clean, folder / "concealed.mp4")
     return {
         "clean": clean,
         "bitrot": bit_rot(folder / "bitrot.mp4", at=0.5, length=20_000),
+        "concealed": damage_packets(folder / "concealed.mp4", conceal_at=3.0, refuse_at=11.0),
         "uhd": write_cheap_long(folder / "uhd.mp4", width=3840, height=2160, video_s=2.0, audio_s=2.0),
         "long_audio": write_cheap_long(folder / "long_audio.mp4", width=160, height=96, video_s=4.0, audio_s=7200.0),
         "long_video": write_cheap_long(folder / "long_video.mp4", width=160, height=96, video_s=7200.0,
@@ -92,6 +94,28 @@ def test_damage_costs_only_the_clips_whose_frames_it_touches(media):
             assert got is None
         else:  # a clip the damage does not touch decodes exactly as in the undamaged file
             np.testing.assert_array_equal(got, good, err_msg=f"clip {k}")
+
+
+def test_a_clip_that_needs_a_concealed_frame_is_lost_once_the_file_is_known_damaged(media):
+    windows = clips.windows(12.0, 2.0, 2.0, 0.5)
+    times = [clips.frame_times(c, 8).tolist() for c in windows]
+    # decord conceals the damaged packet at 3 s without a word: clip 1's frames are not the clean file's
+    vr, clean_vr = (decord.VideoReader(str(media[k]), num_threads=1) for k in ("concealed", "clean"))
+    starts = clean_vr.get_frame_timestamp(np.arange(len(clean_vr)))[:, 0]
+    idx = clips.frame_indices(np.array(times[1]), starts).tolist()
+    assert np.abs(vr.get_batch(idx).asnumpy().astype(int) - clean_vr.get_batch(idx).asnumpy()).max() > 0
+    try:
+        clean = reader.decode_frames(str(media["clean"]), times, FrameResize("center_crop", 224), (180, 320))
+        reader.release()
+        damaged = reader.decode_frames(str(media["concealed"]), times, FrameResize("center_crop", 224), (180, 320))
+    finally:
+        reader.release()
+    lost = {k: reason for k, (reason, _) in damaged["lost"].items()}
+    assert lost[1] == "concealed_frames" and lost[5] == "undecodable_frames", damaged["lost"]
+    # every clip whose decode chain (from the keyframe at 0 s) holds the 3 s packet is lost; clip 0 is not
+    assert all(lost.get(k) for k in range(1, 6)) and 0 not in lost
+    assert "3.000 s" in damaged["lost"][1][1]
+    np.testing.assert_array_equal(damaged["frames"][0], clean["frames"][0])
 
 
 def test_the_decoder_child_refuses_what_does_not_fit_in_its_memory_limit(media):
