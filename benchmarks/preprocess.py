@@ -16,7 +16,7 @@ Recipe everywhere: 10 s clips every 10 s, 8 frames per clip at the segment centr
                          and resources) on the same running Ray, with stages that pass rows through: what Ray Data
                          itself costs, mostly starting the actor pool; (c) minus (d) is the part the recipe owns.
     (e) recipe, no pipeline  per file in W processes: the probe and decoder functions the job's sandbox runs (called
-                         in-process), resize + centre crop to 224, log-mel per clip, JPEG + npy encoding, nothing
+                         in-process, resizing + centre cropping to 224 as they decode), log-mel per clip, JPEG + npy encoding, nothing
                          written: the job's own work without Ray, actors, pipes or tar; (c) / (e) is what the
                          pipeline adds, (e) / (a) what the recipe adds to decoding.
 Prints videos/s, seconds of video per second, peak memory (summed RSS of the process tree, shared pages counted
@@ -122,15 +122,17 @@ def recipe_one(path: str) -> int:
     from pipelines import reader
     from tvlt_core import shards
     from tvlt_core.audio import log_mel
-    from tvlt_core.video import resize_center_crop
+    from tvlt_core.resize import FrameResize
 
     torch.set_num_threads(1)  # as in the job's actors (Ray sets OMP_NUM_THREADS to their 1 CPU)
-    windows = clips.windows(reader.probe(path)["duration"], LENGTH_S, LENGTH_S, 1.0)  # the job plans from the probe
-    out = reader.decode_frames(path, [clips.frame_times(c, FRAMES).tolist() for c in windows])
+    info = reader.probe(path)
+    windows = clips.windows(info["duration"], LENGTH_S, LENGTH_S, 1.0)  # the job plans from the probe
+    out = reader.decode_frames(path, [clips.frame_times(c, FRAMES).tolist() for c in windows],
+                               FrameResize("center_crop", 224), (info["height"], info["width"]))
     sound = reader.decode_audio_windows(path, [[c.start, c.end] for c in windows])
     n = 0
     for frames, wave in zip(out["frames"], sound["audio"], strict=True):
-        encoded = [shards.encode_jpeg(f) for f in resize_center_crop(frames, 224)]
+        encoded = [shards.encode_jpeg(f) for f in frames]
         encoded.append(shards.encode_npy(log_mel(wave, sound["audio_rate"]).numpy().astype(np.float16)))
         n += len(encoded)
     reader.release()

@@ -3,7 +3,8 @@
     python jobs/preprocess.py --input URL --output URL --mode pretrain --clips.length_s 10 --shards.target_bytes 1e8
 
 Each component receives only its own section: the reader gets ``ClipConfig``/``GroundingConfig``, the writer
-``ShardConfig``, the Ray graph ``ResourceConfig``, listing and I/O ``StorageConfig``. ``recipe()`` is the part of
+``ShardConfig``, the Ray graph ``ResourceConfig``, listing and I/O ``StorageConfig``, probe and decoder
+``LimitConfig``. ``recipe()`` is the part of
 the configuration that decides the bytes of a sample; its hash is stored in every sample and in the manifest, and
 an output folder refuses a second recipe.
 """
@@ -123,6 +124,40 @@ class ShardConfig:
 
 
 @dataclass
+class LimitConfig:
+    """Caps on what one input may cost, checked against each source's size (listing) and probe (before decoding).
+    An input over a cap is quarantined as permanent with a reason naming the cap: ``too_large`` (``max_bytes``,
+    and anything that does not fit in ``decoder_memory_gib`` while it decodes), ``resolution_too_high``
+    (``max_pixels``, displayed width x height), ``too_long`` (``max_duration_s`` of video). The defaults admit
+    DCI 4K and three hours; 0 turns a cap off (except the decoder's memory limit)."""
+
+    max_bytes: int = 16 * 1024**3
+    max_pixels: int = 4096 * 2160
+    max_duration_s: float = 3 * 3600.0
+    # The decoder child's data segment (RLIMIT_DATA): about 150 MB when idle, up to 0.5 GB decoding 4K frames.
+    decoder_memory_gib: float = 1.0
+
+    def __post_init__(self):
+        for name in ("max_bytes", "max_pixels", "max_duration_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"limits.{name}={getattr(self, name)}: must be >= 0 (0: no cap)")
+        if self.decoder_memory_gib < 0.25:
+            raise ValueError(f"limits.decoder_memory_gib={self.decoder_memory_gib}: must be >= 0.25, the decoder "
+                             "child needs about 0.15 GiB before it decodes anything")
+
+    def over(self, size: int, width: int, height: int, duration: float) -> tuple[str, str] | None:
+        """(reason, message) of the first cap an input of these numbers exceeds, or None."""
+        if self.max_bytes and size > self.max_bytes:
+            return "too_large", f"{size:,} bytes, more than limits.max_bytes={self.max_bytes:,}"
+        if self.max_pixels and width * height > self.max_pixels:
+            return "resolution_too_high", (f"{width}x{height} = {width * height:,} pixels a frame, more than "
+                                           f"limits.max_pixels={self.max_pixels:,}")
+        if self.max_duration_s and duration > self.max_duration_s:
+            return "too_long", f"{duration:.1f} s of video, more than limits.max_duration_s={self.max_duration_s:g}"
+        return None
+
+
+@dataclass
 class ResourceConfig:
     """Ray resources. The defaults fit a 2-core, 24 GiB machine and scale with the cluster unchanged: one probe actor
     per 8 decoders, and as many decoders as the cluster's CPUs hold at ``decode_cpus`` each. A decoder actor also
@@ -164,6 +199,7 @@ class PreprocessConfig:
     grounding: GroundingConfig = field(default_factory=GroundingConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
+    limits: LimitConfig = field(default_factory=LimitConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     dry_run: bool = False
     fail_on_quarantine: bool = False

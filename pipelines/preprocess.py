@@ -89,15 +89,21 @@ class _Source:
         return self.failure is not None or (self.n_segs >= 0 and len(self.parts) == self.n_segs)
 
     def outcome(self) -> dict:
+        """``{"samples", "lost_clips"}``, or a failure ``{"stage", "reason", "error", "lost_clips"}``."""
         if self.failure is not None:
             return self.failure
-        summaries = [s for _, s in self.parts.values()]
+        summaries = [summary for _, (_, summary) in sorted(self.parts.items())]
         samples = sum(s["samples"] for s in summaries)
+        lost = [c for s in summaries for c in s["lost"]]
         if samples == 0:
+            if lost and len(lost) == sum(s["clips"] for s in summaries):
+                return {"stage": "decode", "reason": "undecodable_video", "lost_clips": lost,
+                        "error": f"damage makes every clip undecodable; clip {lost[0]['clip']}: {lost[0]['error']}"}
             dropped = sum(s["dropped_no_audio"] for s in summaries)
             reason = "no_audio" if dropped else "no_samples"
-            return {"stage": "encode", "reason": reason, "error": f"no clip gave a sample ({dropped} without audio)"}
-        return {"samples": samples}
+            return {"stage": "encode", "reason": reason, "lost_clips": lost,
+                    "error": f"no clip gave a sample ({dropped} without audio, {len(lost)} undecodable)"}
+        return {"samples": samples, "lost_clips": lost}
 
 
 @dataclass
@@ -324,7 +330,7 @@ class Job:
         ctx.enable_progress_bars = cfg.progress
         settings = StageSettings(mode=cfg.mode, clips=cfg.clips, grounding=cfg.grounding, audio=cfg.audio,
                                  storage=cfg.storage, recipe_hash=self.recipe_hash, work_url=out.work_url(gen.id),
-                                 decode_timeout_s=cfg.resources.decode_timeout_s,
+                                 decode_timeout_s=cfg.resources.decode_timeout_s, limits=cfg.limits,
                                  clips_per_row=cfg.resources.clips_per_row, scratch_dir=cfg.resources.scratch_dir)
         rows = [initial_row(r, i, self.read_urls.get(r["uri"], "")) for i, r in enumerate(todo)]
         reasons: Counter = Counter()
@@ -350,6 +356,9 @@ class Job:
             for _, outcome in shard.outcomes:
                 if "reason" in outcome:
                     reasons[outcome["reason"]] += 1
+                elif outcome["lost_clips"]:
+                    stats.salvaged += 1
+                stats.lost_clips.update(c["reason"] for c in outcome.get("lost_clips", []))
             writer.remove(shard.part_urls, out.options)
             log.info("committed %s: %d source(s), %d sample(s); %d/%d sources done",
                      entry.name if entry else "no shard", len(shard.outcomes), entry.samples if entry else 0,

@@ -8,6 +8,8 @@ child (``python -m pipelines.sandbox``) per actor and send it one request at a t
     call("decode_segment", path=..., ...)  -- pickle -->   reader.SANDBOXED["decode_segment"](**kwargs)
                                            <-- pickle --   ("ok", result) | ("error", type, message, reason)
 
+The child may run under a memory limit (``limit_memory``): an input whose decoding fails an allocation under it
+is an input error with reason ``too_large`` (the child is then replaced, its libraries' state being unknown).
 A child that exits or is killed mid-call (crash), or does not answer within the timeout (killed, counted as a
 crash), raises ``SandboxCrash``; the next call starts a fresh child. ``call_with_retry`` retries a crash once and
 then gives up with the crash: the caller quarantines the input. An input error inside the child
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import resource
 import selectors
 import signal
 import subprocess
@@ -38,6 +41,7 @@ _HEADER = 8  # big-endian payload length
 _READY = b"ready\n"
 _START_TIMEOUT_S = 300.0
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
+TOO_LARGE = "too_large"  # the reason of an input that does not fit in the child's memory limit
 
 
 class SandboxCrash(RuntimeError):
@@ -79,9 +83,10 @@ class Sandbox:
     """One child process, started on first use and restarted after a crash. ``role`` only labels the child's
     command line (``python -m pipelines.sandbox decode``), so operators can tell probe and decode children apart."""
 
-    def __init__(self, role: str = "decode", timeout_s: float = 300.0):
+    def __init__(self, role: str = "decode", timeout_s: float = 300.0, memory_bytes: int = 0):
         self.role = role
         self.timeout_s = timeout_s
+        self.memory_bytes = memory_bytes  # the child's RLIMIT_DATA; 0: no limit
         self._proc: subprocess.Popen | None = None
         self.crashes = 0
 
@@ -93,8 +98,8 @@ class Sandbox:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH", "")) if p)
         env.setdefault("OMP_NUM_THREADS", "1")  # one decoder per core: processes scale, decoder threads did not
-        self._proc = subprocess.Popen([sys.executable, "-m", "pipelines.sandbox", self.role], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env, close_fds=True)
+        command = [sys.executable, "-m", "pipelines.sandbox", self.role, str(self.memory_bytes)]
+        self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         # A child that cannot even import its decoders is a broken install, not a bad input: fail loudly.
         try:
             self._read_exact(len(_READY), time.monotonic() + _START_TIMEOUT_S)
@@ -155,6 +160,8 @@ class Sandbox:
             return reply[1]
         if reply[0] == "bug":  # not the input's fault: fail the task (and, after Ray's retries, the job)
             raise RuntimeError(redact_text(f"sandboxed {name} failed with {reply[1]}: {reply[2]}\n{reply[3]}"))
+        if reply[3] == TOO_LARGE:
+            self._kill()  # an allocation failed somewhere in the child: the next input gets a fresh one
         raise SandboxError(*reply[1:])
 
     def call_with_retry(self, name: str, retries: int = 1, **kwargs) -> Any:
@@ -184,8 +191,19 @@ class Sandbox:
             pass
 
 
+def limit_memory(limit_bytes: int) -> None:
+    """Cap this process's data segment (heap, anonymous and private mappings) at ``limit_bytes``.
+
+    ``RLIMIT_DATA`` rather than ``RLIMIT_AS``: the address space also counts shared libraries and untouched
+    reservations (a Python with decord and PyAV maps about 350 MB before doing anything), the data segment counts
+    what decoded frames and audio take. A per-process limit needs no cgroup, so it works in any container."""
+    if limit_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+
+
 def main() -> None:
-    """Child loop: read a request, run it, answer; exit on EOF (the parent closed the pipe or died)."""
+    """Child loop: read a request, run it, answer; exit on EOF (the parent closed the pipe or died).
+    ``python -m pipelines.sandbox ROLE [MEMORY_BYTES]``."""
     # The pipe to the parent is a private copy of stdout; fd 1 then points at stderr, so anything a C library
     # prints cannot corrupt the protocol.
     reply_stream = os.fdopen(os.dup(1), "wb")
@@ -193,6 +211,7 @@ def main() -> None:
     sys.stdout = sys.stderr
     from pipelines import reader  # imported here: the child pays decord/PyAV start-up, not the parent
 
+    limit_memory(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
     reply_stream.write(_READY)
     reply_stream.flush()
     requests = sys.stdin.buffer
@@ -203,6 +222,8 @@ def main() -> None:
         name, kwargs = pickle.loads(requests.read(int.from_bytes(header, "big")))
         try:
             reply = ("ok", reader.SANDBOXED[name](**kwargs))
+        except MemoryError as e:  # over the limit (numpy, PyAV's ENOMEM): the input is too large for this decoder
+            reply = ("error", type(e).__name__, f"out of memory under the decoder's limit: {e}"[:2000], TOO_LARGE)
         except reader.INPUT_ERRORS as e:
             reply = ("error", type(e).__name__, str(e)[:2000], getattr(e, "reason", ""))
         except Exception as e:  # noqa: BLE001 - a bug or a broken install: goes back whole, so the job fails loudly

@@ -4,8 +4,9 @@ reaches the driver as a result, good or bad.
 
     row per source    ProbeStage (actor, sandboxed PyAV)   streams, duration, clips; rejects early what cannot work
     row per segment   DecodeStage (actor), per segment:
-                        decode     sandboxed decord frames at the sampled instants + PyAV audio per clip
-                        resize     TVLT shortest edge + centre crop 224 | TVP longest edge 448
+                        decode     sandboxed, clip by clip: decord frames at the sampled instants, resized there
+                                   (TVLT shortest edge + centre crop 224 | TVP longest edge 448), PyAV audio
+                                   decoded forward; a clip damage makes undecodable is lost alone (``lost``)
                         log_mel    log_mel_stage: the clip's audio -> normalised TVLT spectrogram, float16
                         encode     encode_stage: JPEG frames + mel.npy + JSON record -> the segment's tar bytes
                         write      write_stage: the tar to ``_work/gen-G/<sid>-<seg>.tar``; only metadata goes on
@@ -13,7 +14,8 @@ reaches the driver as a result, good or bad.
 log-mel, encode and write run inside the decode actor: Ray Data fuses task stages only into a *following* actor
 stage, and shipping decoded frames and audio through the object store to other worker processes costs more than
 the work itself. They stay separate functions with their own timings. A segment is at most
-``resources.clips_per_row`` clips of one video: the unit that bounds a row's memory.
+``resources.clips_per_row`` clips of one video: the unit that bounds a row's memory. The decoder child runs under
+``limits.decoder_memory_gib`` and the probe checks ``limits``' caps, so no input costs more than they allow.
 """
 
 from __future__ import annotations
@@ -24,19 +26,19 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
-from PIL import Image
 
 from pipelines import clips as clipping
 from pipelines import writer
-from pipelines.config import AudioConfig, ClipConfig, GroundingConfig, StorageConfig
+from pipelines.config import AudioConfig, ClipConfig, GroundingConfig, LimitConfig, StorageConfig
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
 from pipelines.sources import is_remote
 from tvlt_core import recipe, shards
 from tvlt_core.redaction import redact_text
+from tvlt_core.resize import FrameResize
 
 log = logging.getLogger(__name__)
 _NO_FRAMES = np.zeros((0, 1, 1, 1, 3), dtype=np.uint8)
@@ -57,7 +59,19 @@ class StageSettings:
     work_url: str  # where parts go: <output>/_work/gen-G
     decode_timeout_s: float
     clips_per_row: int
+    limits: LimitConfig = field(default_factory=LimitConfig)
     scratch_dir: str = ""
+
+    @property
+    def decoder_memory_bytes(self) -> int:
+        return int(self.limits.decoder_memory_gib * 1024**3)
+
+    @property
+    def resize(self) -> FrameResize:
+        """How the decoder child sizes frames: TVLT's centre crop, or TVP's longest edge (the loader pads)."""
+        if self.mode == "grounding":
+            return FrameResize("longest_edge", self.grounding.size)
+        return FrameResize("center_crop", self.clips.size)
 
 
 def initial_row(plan_row: dict, order: int, read_url: str = "") -> dict:
@@ -102,7 +116,7 @@ class ProbeStage:
 
     def __init__(self, settings: StageSettings):
         self.settings = settings
-        self.sandbox = Sandbox("probe", timeout_s=settings.decode_timeout_s)
+        self.sandbox = Sandbox("probe", timeout_s=settings.decode_timeout_s, memory_bytes=settings.decoder_memory_bytes)
         self.sandbox.start()  # while the actor pool starts, not in the first input's time
 
     def __call__(self, row: dict) -> dict:
@@ -117,6 +131,8 @@ class ProbeStage:
             return failed(row, "probe", "empty_object", "the object is 0 bytes long")
         if row["size"] < 0:
             return failed(row, "listing", "unreadable", "listed in the input list but not found in the store")
+        if s.limits.max_bytes and row["size"] > s.limits.max_bytes:  # before reading a byte of it
+            return failed(row, "probe", *s.limits.over(row["size"], 0, 0, 0.0))
         try:
             info = self.sandbox.call_with_retry("probe", uri=row["read_url"],
                                                 storage_options=s.storage.options(row["uri"]),
@@ -125,6 +141,9 @@ class ProbeStage:
             return failed(row, "probe", e.reason or "probe_error", e.message)
         except SandboxCrash as e:
             return failed(row, "probe", "decoder_crash", f"{e} ({e.attempts} attempts)")
+        over = s.limits.over(row["size"], info["width"], info["height"], info["duration"])
+        if over is not None:
+            return failed(row, "probe", *over)
         if s.mode == "pretrain" and info["audio"] is None and s.audio.missing == "quarantine":
             return failed(row, "probe", "no_audio", f"{info['audio_problem']} (audio.missing=quarantine)")
         clips = plan_clips(s, info["duration"])
@@ -135,14 +154,6 @@ class ProbeStage:
 
 
 # --------------------------------------------------------------------------------------------------------- decode
-def resize_longest_edge(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (T, H, W, 3) -> (T, h, w, 3) with the longest edge ``size`` (PIL bilinear, sides truncated like
-    ``TvpImageProcessor``), not padded: the loader pads, so shards keep no padding bytes."""
-    h, w = frames.shape[1:3]
-    new_h, new_w = (size, int(size * w / h)) if h >= w else (int(size * h / w), size)
-    return np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), resample=Image.BILINEAR)) for f in frames])
-
-
 def _local_copy(uri: str, storage: StorageConfig, scratch_dir: str) -> tuple[str, str | None]:
     """(path decord can open, temporary folder to delete or None). Remote objects are downloaded once per video."""
     if not is_remote(uri):
@@ -155,19 +166,20 @@ def _local_copy(uri: str, storage: StorageConfig, scratch_dir: str) -> tuple[str
 
 
 class DecodeStage:
-    """Decode each probed source segment by segment in a sandboxed child (decord frames, PyAV audio), resize, then
-    log-mel, encode and write each segment (see the module docstring). A decoder crash or hang is retried once in a
-    fresh child, then the source is quarantined; ``finish=False`` stops after the resize (rows keep their arrays)."""
+    """Decode each probed source segment by segment in a sandboxed child (decord frames resized there, PyAV audio),
+    then log-mel, encode and write each segment (see the module docstring). A decoder crash or hang is retried once
+    in a fresh child, then the source is quarantined; ``finish=False`` stops after decoding (rows keep their
+    arrays)."""
 
     def __init__(self, settings: StageSettings, finish: bool = True):
         self.settings = settings
         self.finish = finish
-        self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s)
+        self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s,
+                               memory_bytes=settings.decoder_memory_bytes)
         # Start-up work now, while the pool starts, rather than in the first input's time: the decoder child, and
-        # torch (the resize and log-mel modules import it; the probe actors never do).
+        # torch (the log-mel module imports it; the probe actors never do).
         self.sandbox.start()
         import tvlt_core.audio  # noqa: F401
-        import tvlt_core.video  # noqa: F401
 
     def __call__(self, row: dict):
         s = self.settings
@@ -196,7 +208,7 @@ class DecodeStage:
             segs = clipping.segments(clips, s.clips_per_row)
             for k, seg in enumerate(segs):
                 try:
-                    out, timing = self._decode(path, seg, frames_per_clip, want_audio)
+                    out, timing = self._decode(path, seg, frames_per_clip, want_audio, info)
                 except SandboxCrash as e:
                     yield _segment_row(failed(row, "decode", "decoder_crash", f"{e} ({e.attempts} attempts)"), -1, 0)
                     return
@@ -206,9 +218,7 @@ class DecodeStage:
                 seg_row = row if k == 0 else {**row, "timing": "{}"}  # source-level times count once
                 for stage, seconds in timing.items():
                     seg_row = timed(seg_row, stage, seconds)
-                start = time.perf_counter()
-                seg_row = self._row(seg_row, k, len(segs), out)
-                yield timed(seg_row, "resize", time.perf_counter() - start)
+                yield self._row(seg_row, k, len(segs), out)
         finally:
             try:
                 self.sandbox.call("release")
@@ -217,11 +227,13 @@ class DecodeStage:
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    def _decode(self, path: str, seg: list[clipping.Clip], frames_per_clip: int, want_audio: bool
+    def _decode(self, path: str, seg: list[clipping.Clip], frames_per_clip: int, want_audio: bool, info: dict
                 ) -> tuple[dict, dict]:
         times = [clipping.frame_times(c, frames_per_clip).tolist() for c in seg]
         start = time.perf_counter()
-        out = self.sandbox.call_with_retry("decode_frames", path=path, times=times)
+        # Resized in the child (the resize's time is inside decode_frames): full-size frames never cross the pipe.
+        out = self.sandbox.call_with_retry("decode_frames", path=path, times=times, resize=self.settings.resize,
+                                           frame_size=(info["height"], info["width"]))
         timing = {"decode_frames": time.perf_counter() - start}
         out.update(audio=None, audio_rate=0, audio_error="")
         if want_audio:
@@ -230,6 +242,7 @@ class DecodeStage:
                 sound = self.sandbox.call_with_retry("decode_audio_windows", path=path,
                                                      windows=[[c.start, c.end] for c in seg])
                 out["audio"], out["audio_rate"] = sound["audio"], sound["audio_rate"]
+                out["lost"] = {**sound["lost"], **out["lost"]}  # a clip both damages hit: its frames' reason
             except SandboxError as e:
                 if self.settings.audio.missing == "quarantine":
                     raise SandboxError(e.type_name, f"audio track: {e.message}", "undecodable_audio") from None
@@ -238,19 +251,16 @@ class DecodeStage:
         return out, timing
 
     def _row(self, row: dict, k: int, n_segs: int, out: dict) -> dict:
-        from tvlt_core.video import resize_center_crop  # torch: imported by decode actors only, not by probes
-
-        s = self.settings
-        if s.mode == "grounding":
-            frames = resize_longest_edge(out["frames"][0], s.grounding.size)[None]
-        else:
-            frames = np.stack([resize_center_crop(f, s.clips.size) for f in out["frames"]])
+        """The segment's row: the kept clips' frames stacked (lost clips have none: ``decoded["lost"]`` lists them
+        by position in the segment), every clip's audio concatenated with ``audio_bounds``."""
+        kept = [f for k, f in enumerate(out["frames"]) if k not in out["lost"]]
+        frames = np.stack(kept) if kept else _NO_FRAMES
         audio, bounds = _NO_AUDIO, np.zeros(len(out["frames"]) + 1, dtype=np.int64)
         if out.get("audio") is not None:
             audio = np.concatenate(out["audio"]).astype(np.float32)
             bounds = np.concatenate([[0], np.cumsum([len(a) for a in out["audio"]])]).astype(np.int64)
         decoded = {"frame_times": out["frame_times"], "audio_rate": out["audio_rate"],
-                   "audio_error": out["audio_error"]}
+                   "audio_error": out["audio_error"], "lost": out["lost"]}
         return _segment_row(row, k, n_segs, frames, audio, bounds, json.dumps(decoded))
 
 
@@ -316,8 +326,14 @@ def _encode(row: dict, settings: StageSettings) -> dict:
     clips = [clipping.Clip(*c) for c in json.loads(row["clips"])]
     seg = clipping.segments(clips, settings.clips_per_row)[row["seg"]]
     info, decoded = json.loads(row["probe"]), json.loads(row["decoded"])
-    samples, dropped = [], 0
+    samples, dropped, lost, kept = [], 0, [], 0
     for i, clip in enumerate(seg):
+        if str(i) in decoded["lost"]:  # JSON keys are strings
+            reason, error = decoded["lost"][str(i)]
+            lost.append({"clip": clip.index, "start": clip.start, "end": clip.end, "reason": reason,
+                         "error": redact_text(error)})
+            continue
+        frames, kept = row["frames"][kept], kept + 1
         mel = None
         if settings.mode == "pretrain":
             mel = row["mel"][row["mel_bounds"][i] : row["mel_bounds"][i + 1]]
@@ -328,9 +344,10 @@ def _encode(row: dict, settings: StageSettings) -> dict:
                     continue
         record = _record(row, settings, clip, decoded["frame_times"][i], info, decoded["audio_rate"],
                          0 if mel is None else len(mel))
-        samples.append(shards.encode_sample(record["key"], row["frames"][i], record, mel))
+        samples.append(shards.encode_sample(record["key"], frames, record, mel))
     summary = {"samples": len(samples), "keys": [s["__key__"] for s in samples], "clips": len(seg),
-               "dropped_no_audio": dropped, "seconds": sum(c.length for c in seg), "duration": info["duration"]}
+               "dropped_no_audio": dropped, "lost": lost, "seconds": sum(c.length for c in seg),
+               "duration": info["duration"]}
     return {**base, "part": writer.tar_bytes(samples) if samples else b"", "summary": json.dumps(summary)}
 
 

@@ -1,7 +1,8 @@
 """Output state across runs: manifest.json is the single source of truth; generations make re-runs exact.
 
     <output>/manifest.json            committed shards, generations, every source's version and outcome
-    <output>/quarantine.jsonl         view: sources whose latest attempt failed (rewritten after each commit)
+    <output>/quarantine.jsonl         view: sources whose latest attempt failed, and clips lost to damage in sources
+                                      that were kept (rewritten after each commit)
     <output>/stats.json               view: per-generation counts and rates
     <output>/shard-GGGGGG-NNNNN.tar   committed shards
     <output>/_work/gen-GGGGGG/        plan.json and spooled parts of the generation in progress (deleted when done)
@@ -125,7 +126,7 @@ class Output:
     def save(self, manifest: shards.Manifest) -> None:
         """manifest.json first (the commit point), then the quarantine view derived from it."""
         writer.publish_text(self.path(shards.MANIFEST_NAME), manifest.to_json(), self.options)
-        lines = "".join(r.to_json() + "\n" for r in manifest.quarantine())
+        lines = "".join(r.to_json() + "\n" for r in manifest.quarantine() + manifest.lost_clips())
         writer.publish_text(self.path(shards.QUARANTINE_NAME), lines, self.options)
 
     def save_stats(self, stats: dict) -> None:
@@ -207,7 +208,8 @@ def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: sha
                    outcomes: list[tuple[dict, dict]]) -> None:
     """Commit ``shard`` (if any) and the outcome of each (plan row, outcome) it covers into the manifest.
 
-    outcome: ``{"samples": n}`` for a good source, or ``{"stage", "reason", "error"}`` for a quarantined one.
+    outcome: ``{"samples": n}`` for a good source, or ``{"stage", "reason", "error"}`` for a quarantined one;
+    either may hold ``lost_clips`` (``[{"clip", "start", "end", "reason", "error"}]``): clips damage cost it.
     """
     if shard is not None:
         manifest.shards.append(shard)
@@ -224,6 +226,8 @@ def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: sha
             gen.quarantined += 1
         else:
             entry.update(status="ok", samples=outcome["samples"], shard=shard.name if shard else "")
+        if outcome.get("lost_clips"):
+            entry["lost_clips"] = outcome["lost_clips"]
         manifest.sources[row["uri"]] = entry
 
 

@@ -27,6 +27,8 @@ class RunStats:
     rewritten_shards: int = 0
     video_seconds: float = 0.0
     quarantined: Counter = field(default_factory=Counter)  # reason -> count
+    salvaged: int = 0  # sources kept with some clips lost to damage
+    lost_clips: Counter = field(default_factory=Counter)  # reason -> clips lost (of kept and quarantined sources)
     stage_seconds: dict = field(default_factory=dict)  # stage -> seconds summed over workers
     wall_s: float = 0.0
     startup_s: float = 0.0  # listing, plan (and Ray start-up when the job starts Ray), before the graph runs
@@ -44,6 +46,7 @@ class RunStats:
     def to_json(self) -> dict:
         data = asdict(self)
         data["quarantined"] = dict(sorted(self.quarantined.items()))
+        data["lost_clips"] = dict(sorted(self.lost_clips.items()))
         data["stage_seconds"] = {k: round(v, 3) for k, v in sorted(self.stage_seconds.items())}
         data.update(videos_per_s=round(self.videos_per_s, 3), video_s_per_s=round(self.video_s_per_s, 2))
         return data
@@ -64,6 +67,9 @@ class RunStats:
             ("quarantined", f"{sum(self.quarantined.values())}"),
         ]
         rows += [(f"  {reason}", f"{n}") for reason, n in sorted(self.quarantined.items())]
+        if self.lost_clips:
+            rows.append(("clips lost to damage", f"{sum(self.lost_clips.values())} (kept the rest of "
+                                                 f"{self.salvaged} source(s))"))
         rows += [
             ("wall time", f"{self.wall_s:.1f} s (plan and start-up {self.startup_s:.1f} s, first result after "
                           f"{self.first_result_s:.1f} s)"),

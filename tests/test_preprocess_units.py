@@ -55,6 +55,8 @@ def test_frame_instants_and_indices_follow_presentation_times():
     (["--clips.min_length_s", "0.01"], ["clips.min_length_s"]),
     (["--audio.missing", "ignore"], ["audio.missing", "quarantine", "silent"]),
     (["--shards.target_bytes", "10"], ["shards.target_bytes"]),
+    (["--limits.decoder_memory_gib", "0.1"], ["limits.decoder_memory_gib"]),
+    (["--limits.max_duration_s", "-1"], ["limits.max_duration_s"]),
 ])
 def test_bad_settings_fail_before_any_work_naming_the_setting(argv, names, tmp_path):
     with pytest.raises(ConfigError) as err:

@@ -162,7 +162,8 @@ class Generation:
 
 @dataclass
 class QuarantineRecord:
-    """One line of ``quarantine.jsonl``: an input that gave no samples, where it failed and why."""
+    """One line of ``quarantine.jsonl``: an input that gave no samples, where it failed and why; or, with ``clip``
+    set, one clip lost to damage in a source whose other clips were kept (``start``/``end`` in seconds)."""
 
     uri: str
     stage: str  # listing | probe | decode | log_mel | encode
@@ -172,9 +173,12 @@ class QuarantineRecord:
     size: int = 0
     etag: str = ""
     mtime: str = ""
+    clip: int | None = None
+    start: float | None = None
+    end: float | None = None
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps({k: v for k, v in dataclasses.asdict(self).items() if v is not None}, sort_keys=True)
 
     @classmethod
     def from_json(cls, line: str) -> QuarantineRecord:
@@ -192,7 +196,8 @@ class Manifest:
     shards: list[ShardEntry] = field(default_factory=list)
     generations: list[Generation] = field(default_factory=list)
     # source URI -> {"size", "etag", "mtime", "generation", "status": "ok" | "quarantined", "samples", "shard",
-    #                "annotations" (grounding: hash of the video's queries), "stage", "reason", "error"}
+    #                "annotations" (grounding: hash of the video's queries), "stage", "reason", "error",
+    #                "lost_clips": [{"clip", "start", "end", "reason", "error"}] (clips lost to damage)}
     sources: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -215,6 +220,15 @@ class Manifest:
                              generation=s.get("generation", 0), size=s.get("size", 0), etag=s.get("etag", ""),
                              mtime=s.get("mtime", ""))
             for uri, s in sorted(self.sources.items()) if s.get("status") == "quarantined"
+        ]
+
+    def lost_clips(self) -> list[QuarantineRecord]:
+        """Every clip lost to damage in a source that kept its other clips, in URI and clip order."""
+        return [
+            QuarantineRecord(uri=uri, stage="decode", reason=c["reason"], error=c["error"], clip=c["clip"],
+                             start=c["start"], end=c["end"], generation=s.get("generation", 0), size=s.get("size", 0),
+                             etag=s.get("etag", ""), mtime=s.get("mtime", ""))
+            for uri, s in sorted(self.sources.items()) if s.get("status") == "ok" for c in s.get("lost_clips", [])
         ]
 
     def to_json(self) -> str:

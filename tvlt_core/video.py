@@ -9,8 +9,9 @@ TVLT (what ``TvltImageProcessor`` does, split in two so shards can hold ready-si
       -> pad_videos: stack clips of up to ``num_frames`` frames   -> pixel_values (B, T, 3, 224, 224), pixel_mask
 
 ``pixel_mask`` (B, T * (224 // 16) ** 2) is 1 for patches of real frames, 0 for padded frames, frame-major.
-One resizer (PIL bilinear) serves preprocessing, training and evaluation: decoder-side scalers give different
-pixels (about 4.5/255 on average), so frames resized elsewhere would not match what the model was trained on.
+One resizer (PIL bilinear, ``tvlt_core.resize``, torch-free so the decoder child runs it too) serves preprocessing,
+training and evaluation: decoder-side scalers give different pixels (about 4.5/255 on average), so frames resized
+elsewhere would not match what the model was trained on.
 """
 
 from __future__ import annotations
@@ -19,27 +20,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-
+from tvlt_core import resize
 from tvlt_core.recipe import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------------------------------- TVLT
 
 TVLT_PATCH_SIZE = 16
-
-
-def _shortest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(new_height, new_width) with the short edge at ``size``; the long edge is truncated like the reference."""
-    if width <= height:
-        return int(size * height / width), size
-    return size, int(size * width / height)
-
-
-def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Centre crop an (H, W, C) array with H, W >= size to (size, size, C); odd margins leave the extra row/column
-    at the bottom/right, as the reference does."""
-    top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
-    return image[top : top + size, left : left + size]
 
 
 def resize_center_crop(frames: np.ndarray | torch.Tensor, size: int = TVLT_IMAGE_SIZE) -> np.ndarray:
@@ -50,20 +36,7 @@ def resize_center_crop(frames: np.ndarray | torch.Tensor, size: int = TVLT_IMAGE
     Returns:
         uint8 (T, size, size, 3) (or (size, size, 3) for one frame), C-contiguous.
     """
-    array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    if array.dtype != np.uint8:
-        raise TypeError(f"resize_center_crop expects uint8 frames, got {array.dtype}")
-    single = array.ndim == 3
-    if single:
-        array = array[None]
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise ValueError(f"expected frames of shape (T, H, W, 3), got {array.shape}")
-    new_h, new_w = _shortest_edge_size(array.shape[1], array.shape[2], size)
-    out = np.empty((array.shape[0], size, size, 3), dtype=np.uint8)
-    for i, frame in enumerate(array):
-        resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), resample=Image.BILINEAR))
-        out[i] = _center_crop(resized, size)
-    return out[0] if single else out
+    return resize.resize_center_crop(frames, size)
 
 
 def normalize(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -142,13 +115,6 @@ TVP_IMAGE_SIZE = 448
 TVP_NUM_FRAMES = 48
 
 
-def _longest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(new_height, new_width) with the long edge at ``size``; the short edge is truncated like the reference."""
-    if height >= width:
-        return size, int(size * (width * 1.0 / height))
-    return int(size * (height * 1.0 / width)), size
-
-
 def tvp_resize_pad(frames: np.ndarray | torch.Tensor, size: int = TVP_IMAGE_SIZE) -> np.ndarray:
     """Resize every frame's longest edge to ``size`` (PIL bilinear) and zero-pad it, centred, to ``size`` x ``size``.
 
@@ -157,21 +123,7 @@ def tvp_resize_pad(frames: np.ndarray | torch.Tensor, size: int = TVP_IMAGE_SIZE
     Returns:
         uint8 (T, size, size, 3) (or (size, size, 3) for one frame).
     """
-    array = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    if array.dtype != np.uint8:
-        raise TypeError(f"tvp_resize_pad expects uint8 frames, got {array.dtype}")
-    single = array.ndim == 3
-    if single:
-        array = array[None]
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise ValueError(f"expected frames of shape (T, H, W, 3), got {array.shape}")
-    new_h, new_w = _longest_edge_size(array.shape[1], array.shape[2], size)
-    top, left = -(-(size - new_h) // 2), -(-(size - new_w) // 2)  # ceil, as the reference's centre crop
-    out = np.zeros((array.shape[0], size, size, 3), dtype=np.uint8)
-    for i, frame in enumerate(array):
-        resized = np.asarray(Image.fromarray(frame).resize((new_w, new_h), resample=Image.BILINEAR))
-        out[i, top : top + new_h, left : left + new_w] = resized
-    return out[0] if single else out
+    return resize.tvp_resize_pad(frames, size)
 
 
 def tvp_normalize(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
