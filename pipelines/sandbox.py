@@ -31,6 +31,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from pipelines import failures
+from pipelines.failures import Retries, RetryPolicy, retrying, transient_reason
 from tvlt_core.redaction import redact_text
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,25 @@ class SandboxCrash(RuntimeError):
 
 
 class SandboxError(RuntimeError):
-    """The input failed in the child (one of ``reader.INPUT_ERRORS``): ``type_name``, message, ``reason`` if any."""
+    """The input failed in the child (one of ``reader.INPUT_ERRORS``): ``type_name``, message, ``reason`` if any;
+    ``transient`` is the ``failures`` reason code when the store or the network failed, not the input."""
 
-    def __init__(self, type_name: str, message: str, reason: str = ""):
+    def __init__(self, type_name: str, message: str, reason: str = "", transient: str = ""):
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.message = message
         self.reason = reason
+        self.transient = transient
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The transient reason of a sandbox call's failure: a crash or hang (``decoder_crash``), a store or network
+    failure inside the child; "" for a bad input."""
+    if isinstance(exc, SandboxCrash):
+        return failures.DECODER_CRASH
+    if isinstance(exc, SandboxError):
+        return exc.transient
+    return ""
 
 
 def _describe_exit(code: int | None) -> str:
@@ -79,11 +93,13 @@ class Sandbox:
     """One child process, started on first use and restarted after a crash. ``role`` only labels the child's
     command line (``python -m pipelines.sandbox decode``), so operators can tell probe and decode children apart."""
 
-    def __init__(self, role: str = "decode", timeout_s: float = 300.0):
+    def __init__(self, role: str = "decode", timeout_s: float = 300.0, retry: RetryPolicy | None = None):
         self.role = role
         self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy(attempts=2, backoff_s=0.0, max_backoff_s=0.0)
         self._proc: subprocess.Popen | None = None
         self.crashes = 0
+        self.retries = Retries()  # retries made by ``call_with_retry``, for the run's stats
 
     @property
     def pid(self) -> int | None:
@@ -157,16 +173,15 @@ class Sandbox:
             raise RuntimeError(redact_text(f"sandboxed {name} failed with {reply[1]}: {reply[2]}\n{reply[3]}"))
         raise SandboxError(*reply[1:])
 
-    def call_with_retry(self, name: str, retries: int = 1, **kwargs) -> Any:
-        """``call``, repeated in a fresh child after a crash, at most ``retries`` times."""
-        for attempt in range(1, retries + 2):
-            try:
-                return self.call(name, **kwargs)
-            except SandboxCrash as crash:
-                log.warning("%s (attempt %d of %d)", crash, attempt, retries + 1)
-                if attempt == retries + 1:
-                    raise SandboxCrash(str(crash), attempts=attempt) from None
-        raise AssertionError("unreachable")
+    def call_with_retry(self, name: str, **kwargs) -> Any:
+        """``call``, repeated after a crash (in a fresh child) or a transient failure in the child (the store,
+        the network), with the backoff of ``self.retry``. A crash that outlasts it says how many calls were made."""
+        before = self.retries.count
+        try:
+            return retrying(lambda: self.call(name, **kwargs), self.retry, f"sandboxed {name}", self.retries,
+                            reason_of=failure_reason)
+        except SandboxCrash as crash:
+            raise SandboxCrash(str(crash), attempts=self.retries.count - before + 1) from None
 
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -203,10 +218,12 @@ def main() -> None:
         name, kwargs = pickle.loads(requests.read(int.from_bytes(header, "big")))
         try:
             reply = ("ok", reader.SANDBOXED[name](**kwargs))
-        except reader.INPUT_ERRORS as e:
-            reply = ("error", type(e).__name__, str(e)[:2000], getattr(e, "reason", ""))
-        except Exception as e:  # noqa: BLE001 - a bug or a broken install: goes back whole, so the job fails loudly
-            reply = ("bug", type(e).__name__, str(e)[:2000], traceback.format_exc())
+        except Exception as e:  # noqa: BLE001 - classified here: the store's fault, the input's, or a bug
+            transient = transient_reason(e)  # a remote read the store or the network failed: not the input
+            if transient or isinstance(e, reader.INPUT_ERRORS):
+                reply = ("error", type(e).__name__, str(e)[:2000], getattr(e, "reason", ""), transient)
+            else:  # a bug or a broken install: goes back whole, so the job fails loudly
+                reply = ("bug", type(e).__name__, str(e)[:2000], traceback.format_exc())
         _send(reply_stream, reply)
 
 

@@ -62,26 +62,32 @@ class Diff:
     changed: list[dict]
     unchanged: int
     gone: list[str]  # in the manifest, no longer listed (their samples are kept)
+    retry: list[dict] = field(default_factory=list)  # deferred last time (or quarantined, with retry_quarantined)
 
 
 def _version(row: dict) -> tuple:
     return row["size"], row["etag"], row["mtime"], row.get("annotations", "")
 
 
-def diff(manifest: shards.Manifest | None, rows: list[dict]) -> Diff:
-    """Split listed source rows into new, changed and unchanged against the manifest's record of each source."""
+def diff(manifest: shards.Manifest | None, rows: list[dict], retry_quarantined: bool = False) -> Diff:
+    """Split listed source rows into new, changed, to retry and unchanged against the manifest's record of each
+    source. Deferred sources are retried whatever their version (a changed one is retried as changed: its old
+    samples may need removing); quarantined ones only with ``retry_quarantined``."""
     known = manifest.sources if manifest else {}
-    new, changed, unchanged = [], [], 0
+    again = {"deferred", "quarantined"} if retry_quarantined else {"deferred"}
+    new, changed, retry, unchanged = [], [], [], 0
     for row in rows:
         entry = known.get(row["uri"])
         if entry is None:
             new.append(row)
         elif _version(row) != (entry.get("size"), entry.get("etag"), entry.get("mtime"), entry.get("annotations", "")):
             changed.append(row)
+        elif entry.get("status") in again:
+            retry.append(row)
         else:
             unchanged += 1
     listed = {r["uri"] for r in rows}
-    return Diff(new, changed, unchanged, sorted(u for u in known if u not in listed))
+    return Diff(new, changed, unchanged, sorted(u for u in known if u not in listed), retry)
 
 
 def plan_rows(sources: list[Source], annotations: dict[str, list[dict]] | None = None) -> list[dict]:
@@ -89,7 +95,7 @@ def plan_rows(sources: list[Source], annotations: dict[str, list[dict]] | None =
     rows = []
     for s in sources:
         row = {"uri": s.uri, "sid": s.sid, "size": s.size, "etag": s.etag, "mtime": s.mtime,
-               "extra": json.dumps(s.extra, sort_keys=True)}
+               "version_id": s.version_id, "extra": json.dumps(s.extra, sort_keys=True)}
         if annotations is not None:
             queries = annotations[s.uri]
             row["queries"] = json.dumps(queries)
@@ -123,7 +129,8 @@ class Output:
         return shards.Manifest.from_json(text)
 
     def save(self, manifest: shards.Manifest) -> None:
-        """manifest.json first (the commit point), then the quarantine view derived from it."""
+        """manifest.json first (the commit point), then the quarantine view derived from it (deferred sources are
+    not in it: they are not the input's fault, and the next run retries them)."""
         writer.publish_text(self.path(shards.MANIFEST_NAME), manifest.to_json(), self.options)
         lines = "".join(r.to_json() + "\n" for r in manifest.quarantine())
         writer.publish_text(self.path(shards.QUARANTINE_NAME), lines, self.options)
@@ -155,8 +162,9 @@ class Output:
             if writer.TMP_MARK in name or (name.startswith(prefix) and name not in listed):
                 orphans.append(url)
         writer.remove(orphans, self.options)
-        if orphans:
-            log.info("removed %d orphan file(s) of an interrupted run", len(orphans))
+        aborted = writer.abort_uploads(self.url, self.options)
+        if orphans or aborted:
+            log.info("removed %d orphan file(s) and %d open upload(s) of an interrupted run", len(orphans), aborted)
         return orphans
 
     def finish(self) -> None:
@@ -207,7 +215,8 @@ def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: sha
                    outcomes: list[tuple[dict, dict]]) -> None:
     """Commit ``shard`` (if any) and the outcome of each (plan row, outcome) it covers into the manifest.
 
-    outcome: ``{"samples": n}`` for a good source, or ``{"stage", "reason", "error"}`` for a quarantined one.
+    outcome: ``{"samples": n}`` for a good source, or ``{"stage", "reason", "error", "deferred"}`` for one that
+    failed: quarantined, or deferred (a transient failure; ``deferrals`` counts the runs in a row that deferred it).
     """
     if shard is not None:
         manifest.shards.append(shard)
@@ -219,9 +228,13 @@ def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: sha
         if row.get("annotations"):
             entry["annotations"] = row["annotations"]
         if "reason" in outcome:
-            entry.update(status="quarantined", stage=outcome["stage"], reason=outcome["reason"],
-                         error=outcome["error"])
-            gen.quarantined += 1
+            status = "deferred" if outcome.get("deferred") else "quarantined"
+            entry.update(status=status, stage=outcome["stage"], reason=outcome["reason"], error=outcome["error"])
+            if status == "deferred":
+                entry["deferrals"] = manifest.sources.get(row["uri"], {}).get("deferrals", 0) + 1
+                gen.deferred += 1
+            else:
+                gen.quarantined += 1
         else:
             entry.update(status="ok", samples=outcome["samples"], shard=shard.name if shard else "")
         manifest.sources[row["uri"]] = entry
