@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipelines.failures import RetryPolicy
+from pipelines.failures import RetryPolicy, single_try_s3fs
 from tvlt_core import recipe  # torch-free: the Ray workers that import this config need not import torch
 from tvlt_core import shards
 from tvlt_core.recipe import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES
@@ -60,9 +60,9 @@ class StorageConfig:
             opts["client_kwargs"] = client_kwargs
         if self.aws_access_key_id and self.aws_secret_access_key:
             opts.update(key=self.aws_access_key_id, secret=self.aws_secret_access_key)
-        # Retries are botocore's (per request, counted by request_attempts) and ours (per operation): s3fs's own
-        # loop is turned off (retries=1) so that a stalled store costs a known, bounded time.
-        opts.update(retries=1, config_kwargs={
+        # Retries are botocore's (per request, counted by request_attempts) and ours (per operation).
+        single_try_s3fs()
+        opts.update(config_kwargs={
             "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
             "retries": {"mode": "standard", "total_max_attempts": self.request_attempts}})
         if self.version_aware:

@@ -117,6 +117,16 @@ def transient_reason(exc: BaseException) -> str:
     return ""
 
 
+def single_try_s3fs() -> None:
+    """s3fs retries some errors (timeouts, SlowDown) five times on its own, with no option to change it (a class
+    attribute). One try there: retries are then botocore's per request (``storage.request_attempts``) and ours per
+    operation (``failures.attempts``), and a stalled store costs a known, bounded time. Called by every process
+    before it opens an S3 filesystem (``StorageConfig.options``, ``pinned.open_source``)."""
+    import s3fs
+
+    s3fs.S3FileSystem.retries = 1
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """``attempts`` tries per operation; the k-th retry waits ``min(max_backoff_s, backoff_s * 2**(k-1))`` seconds

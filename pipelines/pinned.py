@@ -17,10 +17,12 @@ import os
 
 import fsspec
 
-from pipelines.failures import SourceChanged
+from pipelines.failures import SourceChanged, single_try_s3fs
 
 
 def open_source(url: str, storage_options: dict, etag: str = "", version_id: str = ""):
+    if url.startswith(("s3://", "s3a://")):
+        single_try_s3fs()
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     if "s3" not in fs.protocol:
         return fs.open(path, "rb")
