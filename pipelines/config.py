@@ -183,8 +183,11 @@ class FailureConfig:
     backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     max_failed_share: float = 0.5
+    crash_runs: int = 3  # a decoder crash deferred this many runs in a row is quarantined (the file is the cause)
 
     def __post_init__(self):
+        if self.crash_runs < 1:
+            raise ValueError(f"failures.crash_runs={self.crash_runs}: must be >= 1")
         if not 1 <= self.attempts <= 20:
             raise ValueError(f"failures.attempts={self.attempts}: must be in [1, 20]")
         if not 0 <= self.backoff_s <= self.max_backoff_s <= 600:

@@ -409,11 +409,12 @@ class Job:
                 stats.shards += 1
                 stats.samples += entry.samples
                 stats.bytes += entry.bytes
-            state.record_sources(manifest, gen, entry, shard.outcomes)
+            state.record_sources(manifest, gen, entry, shard.outcomes, cfg.failures.crash_runs)
             self.store(lambda: out.save(manifest), "committing the manifest")
-            for _, outcome in shard.outcomes:
+            for row, outcome in shard.outcomes:
                 if "reason" in outcome:
-                    (deferred if outcome.get("deferred") else reasons)[outcome["reason"]] += 1
+                    status = manifest.sources[row["uri"]]["status"]
+                    (deferred if status == "deferred" else reasons)[outcome["reason"]] += 1
             self.store(lambda: writer.remove(shard.part_urls, out.options), "removing spooled parts")
             log.info("committed %s: %d source(s), %d sample(s); %d/%d sources done",
                      entry.name if entry else "no shard", len(shard.outcomes), entry.samples if entry else 0,

@@ -11,7 +11,8 @@ A source is identified by its credential-free URL (``Source.uri``); a URL that c
 ``user:pw@``) is kept apart as ``Source.read_url``, for reading only (``tvlt_core.redaction.public_uri``).
 
 A source's version is (size, etag, mtime) as the store reports it (and its VersionId on a versioned bucket); an
-incremental run reprocesses a source when any of them changed, and reads it at that version (``pipelines.pinned``). Listing runs in the driver: it is a few paginated LIST calls, not work to distribute.
+incremental run reprocesses a source when any of them changed, and reads it at that version (``pipelines.pinned``).
+Listing runs in the driver: it is a few paginated LIST calls, not work to distribute.
 """
 
 from __future__ import annotations

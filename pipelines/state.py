@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from pipelines import writer
+from pipelines import failures, writer
 from pipelines.annotations import Query, queries_hash
 from pipelines.sources import Source, join
 from tvlt_core import shards
@@ -212,11 +212,13 @@ def apply_rewrite(manifest: shards.Manifest, gen: shards.Generation, old: str, n
 
 
 def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: shards.ShardEntry | None,
-                   outcomes: list[tuple[dict, dict]]) -> None:
+                   outcomes: list[tuple[dict, dict]], crash_runs: int = 3) -> None:
     """Commit ``shard`` (if any) and the outcome of each (plan row, outcome) it covers into the manifest.
 
     outcome: ``{"samples": n}`` for a good source, or ``{"stage", "reason", "error", "deferred"}`` for one that
     failed: quarantined, or deferred (a transient failure; ``deferrals`` counts the runs in a row that deferred it).
+    A decoder crash deferred ``crash_runs`` runs in a row is quarantined instead: a file that crashes the decoder
+    every time would otherwise be retried forever.
     """
     if shard is not None:
         manifest.shards.append(shard)
@@ -228,10 +230,13 @@ def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: sha
         if row.get("annotations"):
             entry["annotations"] = row["annotations"]
         if "reason" in outcome:
-            status = "deferred" if outcome.get("deferred") else "quarantined"
+            deferrals = manifest.sources.get(row["uri"], {}).get("deferrals", 0) + 1 if outcome.get("deferred") else 0
+            if outcome["reason"] == failures.DECODER_CRASH and deferrals >= crash_runs:
+                deferrals = 0  # quarantined: the input is the likely cause
+            status = "deferred" if deferrals else "quarantined"
             entry.update(status=status, stage=outcome["stage"], reason=outcome["reason"], error=outcome["error"])
-            if status == "deferred":
-                entry["deferrals"] = manifest.sources.get(row["uri"], {}).get("deferrals", 0) + 1
+            if deferrals:
+                entry["deferrals"] = deferrals
                 gen.deferred += 1
             else:
                 gen.quarantined += 1

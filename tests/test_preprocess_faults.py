@@ -96,7 +96,8 @@ def clean(ray_cluster, store, videos, proxy) -> dict[str, str]:
     proxy.clear()
     assert job(proxy, "clean") == 0
     samples = committed_samples(store, "clean")
-    assert len(samples) >= len(videos) and all(s["status"] == "ok" for s in manifest_of(store, "clean").sources.values())
+    assert len(samples) >= len(videos)
+    assert all(s["status"] == "ok" for s in manifest_of(store, "clean").sources.values())
     return samples
 
 

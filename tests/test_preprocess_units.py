@@ -261,6 +261,12 @@ def test_deferred_sources_are_retried_by_the_next_run_and_quarantined_ones_on_re
     assert (m.sources["/d"]["status"], m.sources["/d"]["deferrals"], gen.deferred, gen.quarantined) == (
         "deferred", 1, 1, 0)
     assert [r.uri for r in m.quarantine()] == ["/q"] and [r.uri for r in m.quarantine("deferred")] == ["/d", "/dc"]
+    # a decoder that crashed on the same file in crash_runs runs in a row: the file is the cause, quarantined
+    crash = {"stage": "decode", "reason": "decoder_crash", "error": "killed by SIGSEGV", "deferred": True}
+    for run in (1, 2, 3):
+        state.record_sources(m, gen, None, [(_row("/dc", mtime="2"), crash)], crash_runs=3)
+        assert (m.sources["/dc"]["status"], m.sources["/dc"].get("deferrals")) == (
+            ("deferred", run) if run < 3 else ("quarantined", None))
 
 
 def test_an_output_folder_refuses_a_second_recipe():
