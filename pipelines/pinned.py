@@ -35,9 +35,19 @@ def open_source(url: str, storage_options: dict, etag: str = "", version_id: str
     return f
 
 
+def _stat_mtime(mtime: str) -> bool:
+    """Whether ``mtime`` is in the form a listing records (``os.stat``'s float), not a list file's own column."""
+    try:
+        float(mtime)
+    except ValueError:
+        return False
+    return True
+
+
 def check_local(path: str, size: int, mtime: str) -> None:
-    """A local source must still have the listed size and mtime (``sources`` records ``os.stat``'s values)."""
+    """A local source must still have the listed size and mtime (as ``os.stat`` gives them; an mtime a list file
+    wrote in another form is not compared)."""
     st = os.stat(path)
-    if st.st_size != size or (mtime and str(st.st_mtime) != mtime):
+    if st.st_size != size or (_stat_mtime(mtime) and str(st.st_mtime) != mtime):
         raise SourceChanged(f"size/mtime are {st.st_size}/{st.st_mtime}, the listing saw {size}/{mtime}: "
                             "it changed since it was listed")
