@@ -22,6 +22,7 @@ import numpy as np
 from decord._ffi.base import DECORDError
 
 from pipelines import clips as clipping
+from pipelines.failures import transient_reason
 from pipelines.pinned import open_source
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def _probe(uri: str, storage_options: dict, want_audio: bool, stack: contextlib.
     except FileNotFoundError as e:
         raise Rejected("unreadable", f"object not found ({e})") from None
     except PermissionError as e:
+        if transient_reason(e):  # the store rejected the credential: not this input's fault
+            raise
         raise Rejected("unreadable", f"no permission to read the object ({e})") from None
     except av.error.FFmpegError as e:
         raise Rejected("not_a_video", f"no demuxer recognises it: {e}") from None

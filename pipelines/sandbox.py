@@ -9,10 +9,11 @@ child (``python -m pipelines.sandbox``) per actor and send it one request at a t
                                            <-- pickle --   ("ok", result) | ("error", type, message, reason)
 
 A child that exits or is killed mid-call (crash), or does not answer within the timeout (killed, counted as a
-crash), raises ``SandboxCrash``; the next call starts a fresh child. ``call_with_retry`` retries a crash once and
-then gives up with the crash: the caller quarantines the input. An input error inside the child
-(``reader.INPUT_ERRORS``: demuxer and decoder errors, I/O errors) is a clean failure (``SandboxError``, not
-retried: decoding the same bytes again gives the same error). Any other exception is a bug or a broken install,
+crash), raises ``SandboxCrash``; the next call starts a fresh child. ``call_with_retry`` retries a crash, and a
+store or network failure inside the child (``SandboxError.transient``), with the backoff of its ``RetryPolicy``,
+then gives up: the caller defers the input (``pipelines.failures``: both are transient). An input error inside the
+child (``reader.INPUT_ERRORS``: demuxer and decoder errors, local I/O errors) is a clean failure (``SandboxError``,
+not retried: decoding the same bytes again gives the same error). Any other exception is a bug or a broken install,
 not a bad input: it is raised as ``RuntimeError`` so the job fails instead of quarantining every input.
 Only the functions in ``reader.SANDBOXED`` can be called; messages are pickles between our own two processes.
 """
