@@ -1,6 +1,7 @@
 """Preprocessing throughput: the decode floor, a full-decode baseline and our Ray Data job, on one corpus, one run.
 
     .venv/bin/python benchmarks/preprocess.py --videos 24 --work /tmp/bench_preprocess [--gop 10]
+    .venv/bin/python benchmarks/preprocess.py --videos 24 --rows faults     # only (f) and (g)
 
 Corpus: synthetic, 640x360, 30 fps, 10-30 s, h264 + AAC, a keyframe every 2 s like camera files, or every ``--gop``
 seconds (generated once into WORK/corpus or WORK/corpus-gopN and reused): a sampled frame decodes from the keyframe
@@ -19,6 +20,12 @@ Recipe everywhere: 10 s clips every 10 s, 8 frames per clip at the segment centr
                          in-process, resizing + centre cropping to 224 as they decode), log-mel per clip, JPEG + npy encoding, nothing
                          written: the job's own work without Ray, actors, pipes or tar; (c) / (e) is what the
                          pipeline adds, (e) / (a) what the recipe adds to decoding.
+    (f) our job on S3    the same job reading and writing moto's S3 server on loopback through our fault proxy
+                         (tests/fixtures/fault_proxy.py), no faults
+    (g) ... 1% faults    the same, the proxy answering 1% of all requests with a connection reset or a 503 SlowDown
+                         (half each, seeded): (g) / (f) is what surviving them costs; the table says how many faults
+                         were injected and how many operations our layer retried (botocore's own retries of a
+                         request are not counted there: most faults are absorbed by them)
 Prints videos/s, seconds of video per second, peak memory (summed RSS of the process tree, shared pages counted
 per process) and the ratios; then where the job's time goes (seconds per stage, summed over workers).
 """
@@ -40,6 +47,8 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from pipelines import clips  # noqa: E402
 from pipelines.synthetic import generate_corpus, load_corpus  # noqa: E402
@@ -209,12 +218,72 @@ def timed_ray_data_alone(n_sources: int) -> dict:
     return {"first_result_s": first, "wall_s": time.perf_counter() - start}
 
 
+def timed_s3_jobs(corpus: Path, workers: int, fault_rate: float) -> list[tuple[str, float, dict, int, int]]:
+    """(f) and (g): the job on moto's S3 server through the fault proxy, without and with ``fault_rate`` faults, on
+    one running Ray. Returns (row name, wall s, the job's stats, requests, faults injected) per run."""
+    import socket
+
+    import fsspec
+    import ray
+    from fixtures.fault_proxy import Fault, FaultProxy
+    from moto.server import ThreadedMotoServer
+
+    from jobs.preprocess import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    proxy = FaultProxy(f"http://127.0.0.1:{port}", source_prefix="bench/videos", seed=1).start()
+    creds = {"key": "bench", "secret": "bench"}
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"}, **creds)
+    fs.mkdir("bench")
+    fs.put(str(corpus / "pretrain") + "/", "bench/videos/", recursive=True)
+    ray.init(num_cpus=workers, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False)
+    runs = []
+    try:
+        for name, rate in (("(f) our job on S3, no faults", 0.0),
+                           (f"(g) our job on S3, {fault_rate:.0%} faults", fault_rate)):
+            proxy.clear()
+            proxy.schedule(Fault("reset", rate=rate / 2), Fault("slowdown", rate=rate / 2))
+            output = f"shards-{len(runs)}"
+            start = time.perf_counter()
+            code = main(["--config", "preprocess_pretrain", "--input", "s3://bench/videos", "--output",
+                         f"s3://bench/{output}", "--progress", "false", "--storage.endpoint_url", proxy.url,
+                         "--storage.aws_access_key_id", creds["key"], "--storage.aws_secret_access_key",
+                         creds["secret"]])
+            wall = time.perf_counter() - start
+            if code != 0:
+                raise SystemExit(f"{name}: the job failed with exit code {code}")
+            stats = json.loads(fs.cat_file(f"bench/{output}/stats.json"))["last_run"]
+            runs.append((name, wall, stats, sum(proxy.requests.values()), sum(proxy.injected.values())))
+    finally:
+        ray.shutdown()
+        proxy.stop()
+        server.stop()
+    return runs
+
+
+def print_fault_rows(runs: list[tuple[str, float, dict, int, int]], n: int, seconds: float) -> None:
+    print(f"| {'run':<42} | {'wall s':>7} | {'videos/s':>8} | {'video s/s':>9} | {'requests':>8} | {'faults':>6} "
+          f"| {'retried':>7} | {'deferred':>8} |")
+    print(f"|{'-' * 44}|{'-' * 9}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 9}|{'-' * 10}|")
+    for name, wall, stats, requests, injected in runs:
+        print(f"| {name:<42} | {wall:7.1f} | {n / wall:8.2f} | {seconds / wall:9.1f} | {requests:8d} | "
+              f"{injected:6d} | {stats['retried']:7d} | {sum(stats['deferred'].values()):8d} |")
+    (_, clean, *_), (_, faulty, *_) = runs
+    print(f"\n(f) / (g) wall time, the throughput ratio: {clean / faulty:.2f} (1.00 = the faults cost nothing)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--videos", type=int, default=24)
     p.add_argument("--work", default="/tmp/bench_preprocess")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--gop", type=float, default=GOP_SECONDS, help="keyframe interval of the corpus, seconds")
+    p.add_argument("--rows", choices=("all", "faults"), default="all", help="faults: only (f) and (g)")
+    p.add_argument("--fault-rate", type=float, default=0.01, help="(g): share of requests the proxy fails")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
@@ -231,6 +300,10 @@ def main() -> None:
     paths = [str(corpus.path(v)) for v in corpus.of_kind("pretrain")]
     seconds = sum(v["duration"] for v in corpus.of_kind("pretrain"))
     n, w = len(paths), args.workers
+    if args.rows == "faults":
+        print(f"\ncorpus: {n} videos, {seconds:.0f} s of video; {w} cores\n")
+        print_fault_rows(timed_s3_jobs(corpus_dir, w, args.fault_rate), n, seconds)
+        return
 
     rows = []
     for name, fn, workers in (("(a) decode floor, 1 process", floor_one, 1),
@@ -270,6 +343,8 @@ def main() -> None:
           f"{alone['first_result_s']:.1f} s to its first row), then per stage (seconds summed over workers):")
     for stage, secs in sorted(stats.get("stage_seconds", {}).items(), key=lambda kv: -kv[1]):
         print(f"  {stage:<16} {secs:8.1f}")
+    print()
+    print_fault_rows(timed_s3_jobs(corpus_dir, w, args.fault_rate), n, seconds)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,14 @@
         --mode pretrain
     python jobs/preprocess.py ... --dry-run               # print the plan, write nothing
     python jobs/preprocess.py ... --fail-on-quarantine    # exit 1 when any input was quarantined
+    python jobs/preprocess.py ... --retry-quarantined     # plan quarantined inputs again (a new decoder, say)
 
 Settings: pipelines/config.py (``--clips.length_s 10``, ``--shards.target_bytes 268435456``, ...); presets in
 jobs/configs/preprocess_*.yaml. Re-running with the same arguments resumes an interrupted run or, when the input
 has new or changed videos, appends a generation; with nothing new it says so and exits 0.
-Exit codes: 0 done (quarantined inputs included), 1 quarantined inputs with --fail-on-quarantine, 2 bad config.
+Exit codes: 0 done (quarantined and deferred inputs included, up to failures.max_failed_share), 1 quarantined
+inputs with --fail-on-quarantine, 2 bad config, 3 the run failed: more than failures.max_failed_share of its inputs
+were deferred or quarantined, or the store failed listing or a commit after every retry (the next run resumes).
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from jobs.cli import run
 from jobs.config import RESOLVED_NAME, ConfigError, dump, parse
 from pipelines import writer
 from pipelines.config import PreprocessConfig
+from pipelines.preprocess import StoreUnavailable
 from pipelines.preprocess import run as run_preprocess
 from pipelines.sources import InputNotFound
 from pipelines.state import RecipeMismatch
 
 log = logging.getLogger("preprocess")
 # The issue's spelling of the two switches; the config parser knows them as booleans.
-FLAGS = {"--dry-run": "--dry_run=true", "--fail-on-quarantine": "--fail_on_quarantine=true"}
+FLAGS = {"--dry-run": "--dry_run=true", "--fail-on-quarantine": "--fail_on_quarantine=true",
+         "--retry-quarantined": "--retry_quarantined=true"}
+RUN_FAILED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run_preprocess(cfg)
     except (RecipeMismatch, InputNotFound) as e:
         raise ConfigError(f"preprocess: {e}") from e
+    except StoreUnavailable as e:
+        log.error("preprocess failed: %s", e)
+        return RUN_FAILED
     if result.plan_text:
         print(result.plan_text, flush=True)
     else:  # the resolved config beside the shards, secrets masked (through the job's storage options)
@@ -45,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         writer.publish_text(url, dump(cfg), cfg.storage.options(url))
     for stats in result.stats:
         print(stats.table(), flush=True)
+    if result.failed_share > cfg.failures.max_failed_share:
+        log.error("preprocess failed: %s, more than failures.max_failed_share=%s. Deferred inputs are retried by "
+                  "the next run; see manifest.json and quarantine.jsonl", result.failure_summary(),
+                  cfg.failures.max_failed_share)
+        return RUN_FAILED
     if cfg.fail_on_quarantine and result.quarantined:
         log.error("%d input(s) quarantined (--fail-on-quarantine); see quarantine.jsonl", result.quarantined)
         return 1

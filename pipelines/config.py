@@ -4,9 +4,8 @@
 
 Each component receives only its own section: the reader gets ``ClipConfig``/``GroundingConfig``, the writer
 ``ShardConfig``, the Ray graph ``ResourceConfig``, listing and I/O ``StorageConfig``, probe and decoder
-``LimitConfig``. ``recipe()`` is the part of
-the configuration that decides the bytes of a sample; its hash is stored in every sample and in the manifest, and
-an output folder refuses a second recipe.
+``LimitConfig``, retries ``FailureConfig``. ``recipe()`` is the part of the configuration that decides the bytes of
+a sample; its hash is stored in every sample and in the manifest, and an output folder refuses a second recipe.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipelines.failures import RetryPolicy, single_try_s3fs
 from tvlt_core import recipe  # torch-free: the Ray workers that import this config need not import torch
 from tvlt_core import shards
 from tvlt_core.recipe import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES
@@ -35,6 +35,19 @@ class StorageConfig:
     anon: bool = False
     aws_access_key_id: str | None = field(default=None, repr=False)
     aws_secret_access_key: str | None = field(default=None, repr=False)
+    # Each request: botocore retries it (5xx, throttling, resets, timeouts) up to request_attempts tries in all;
+    # a whole operation (a probe, a download, a commit) is then retried by ``failures.attempts``.
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0  # no byte for this long: the request fails (a stalled connection)
+    request_attempts: int = 3
+    version_aware: bool = False  # versioned bucket: sources are read by the VersionId their listing saw
+
+    def __post_init__(self):
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ValueError(f"storage.connect_timeout_s={self.connect_timeout_s}, storage.read_timeout_s="
+                             f"{self.read_timeout_s}: must be > 0")
+        if not 1 <= self.request_attempts <= 10:
+            raise ValueError(f"storage.request_attempts={self.request_attempts}: must be in [1, 10]")
 
     def options(self, url: str) -> dict:
         """fsspec storage options for ``url`` (empty for local paths)."""
@@ -47,6 +60,13 @@ class StorageConfig:
             opts["client_kwargs"] = client_kwargs
         if self.aws_access_key_id and self.aws_secret_access_key:
             opts.update(key=self.aws_access_key_id, secret=self.aws_secret_access_key)
+        # Retries are botocore's (per request, counted by request_attempts) and ours (per operation).
+        single_try_s3fs()
+        opts.update(config_kwargs={
+            "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
+            "retries": {"mode": "standard", "total_max_attempts": self.request_attempts}})
+        if self.version_aware:
+            opts["version_aware"] = True
         return opts
 
 
@@ -187,6 +207,34 @@ class ResourceConfig:
 
 
 @dataclass
+class FailureConfig:
+    """Transient failures (``pipelines.failures``): each operation (listing, a probe, a download, a part or shard
+    upload, a manifest commit) gets ``attempts`` tries, waiting ``backoff_s``, doubling, at most ``max_backoff_s``
+    (times a jitter factor in [0.5, 1]). The run exits non-zero when more than ``max_failed_share`` of the inputs
+    it processed ended deferred or quarantined (0 inputs processed: never)."""
+
+    attempts: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    max_failed_share: float = 0.5
+    crash_runs: int = 3  # a decoder crash deferred this many runs in a row is quarantined (the file is the cause)
+
+    def __post_init__(self):
+        if self.crash_runs < 1:
+            raise ValueError(f"failures.crash_runs={self.crash_runs}: must be >= 1")
+        if not 1 <= self.attempts <= 20:
+            raise ValueError(f"failures.attempts={self.attempts}: must be in [1, 20]")
+        if not 0 <= self.backoff_s <= self.max_backoff_s <= 600:
+            raise ValueError(f"failures.backoff_s={self.backoff_s}, failures.max_backoff_s={self.max_backoff_s}: "
+                             "need 0 <= backoff_s <= max_backoff_s <= 600")
+        if not 0 <= self.max_failed_share <= 1:
+            raise ValueError(f"failures.max_failed_share={self.max_failed_share}: must be in [0, 1]")
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(self.attempts, self.backoff_s, self.max_backoff_s)
+
+
+@dataclass
 class PreprocessConfig:
     """``python jobs/preprocess.py --input URL --output URL --mode {pretrain,grounding}``."""
 
@@ -201,8 +249,10 @@ class PreprocessConfig:
     shards: ShardConfig = field(default_factory=ShardConfig)
     limits: LimitConfig = field(default_factory=LimitConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
+    failures: FailureConfig = field(default_factory=FailureConfig)
     dry_run: bool = False
     fail_on_quarantine: bool = False
+    retry_quarantined: bool = False  # plan the quarantined sources again (after a decoder upgrade, say)
     progress: bool = True  # Ray Data's progress bars
 
     def __post_init__(self):

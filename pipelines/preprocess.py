@@ -31,6 +31,7 @@ import ray
 from pipelines import annotations as ann
 from pipelines import state, writer
 from pipelines.config import PreprocessConfig, ResourceConfig
+from pipelines.failures import Retries, retrying, transient_reason
 from pipelines.sources import list_sources
 from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
 from pipelines.stats import RunStats
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 GiB = 1024**3
 
 
+class StoreUnavailable(RuntimeError):
+    """The store failed the run itself (listing, a shard upload, a manifest commit) after every retry: nothing is
+    lost (the next run resumes), but this run did not succeed."""
+
+
 @dataclass
 class Result:
     stats: list[RunStats]  # one per generation this run worked on
@@ -50,6 +56,31 @@ class Result:
     @property
     def quarantined(self) -> int:
         return sum(sum(s.quarantined.values()) for s in self.stats)
+
+    @property
+    def deferred(self) -> int:
+        return sum(sum(s.deferred.values()) for s in self.stats)
+
+    @property
+    def failed_share(self) -> float:
+        """(deferred + quarantined) / inputs processed by this run; 0 when it processed none."""
+        inputs = sum(s.inputs for s in self.stats)
+        return (self.deferred + self.quarantined) / inputs if inputs else 0.0
+
+    def failure_summary(self) -> str:
+        """One line: how many inputs failed, of which class, for which reasons."""
+        deferred, quarantined = Counter(), Counter()
+        for s in self.stats:
+            deferred.update(s.deferred)
+            quarantined.update(s.quarantined)
+
+        def reasons(c: Counter) -> str:
+            return ", ".join(f"{k} {v}" for k, v in c.most_common()) or "none"
+
+        inputs = sum(s.inputs for s in self.stats)
+        return (f"{self.deferred + self.quarantined} of {inputs} input(s) failed ({self.failed_share:.0%}): "
+                f"{self.deferred} deferred ({reasons(deferred)}), {self.quarantined} quarantined "
+                f"({reasons(quarantined)})")
 
 
 # ------------------------------------------------------------------------------------------------------ Ray set-up
@@ -191,10 +222,15 @@ class Job:
         self.recipe_hash = shards.recipe_hash(self.recipe)
         self.started_ray = False
         self.read_urls: dict[str, str] = {}
+        self.retries = Retries()  # the driver's own (listing, shards, commits); workers report theirs per result
+
+    def store(self, fn, what: str):
+        """``fn()``, a call to the store from the driver, retried on transient failures (``cfg.failures``)."""
+        return retrying(fn, self.cfg.failures.policy(), what, self.retries)
 
     def list_rows(self) -> list[dict]:
         cfg = self.cfg
-        sources = list_sources(cfg.input, cfg.sources, cfg.storage)
+        sources = self.store(lambda: list_sources(cfg.input, cfg.sources, cfg.storage), f"listing {cfg.input}")
         # Signed URLs are read from the current listing only (a resumed plan holds none: they are credentials).
         self.read_urls = {s.uri: s.read_url for s in sources if s.read_url}
         if cfg.mode == "pretrain":
@@ -208,8 +244,19 @@ class Job:
         return state.plan_rows(annotated, matched)
 
     def run(self) -> Result:
+        try:
+            return self._run()
+        except Exception as e:
+            reason = transient_reason(e)
+            if not reason:
+                raise
+            raise StoreUnavailable(redact_text(
+                f"the store failed after {self.cfg.failures.attempts} attempt(s) ({reason}: {e}); nothing "
+                "committed is lost, the next run resumes")) from e
+
+    def _run(self) -> Result:
         cfg, t0 = self.cfg, time.perf_counter()
-        manifest = self.out.load()
+        manifest = self.store(self.out.load, "loading the manifest")
         if manifest is not None:
             state.check_recipe(manifest, cfg.mode, self.recipe, cfg.output)
         rows = self.list_rows()
@@ -223,10 +270,10 @@ class Job:
                     return Result([stats], self.describe(plan, None, manifest, resume=True))
                 results.append(self.execute(manifest, plan, stats, t0))
                 t0 = time.perf_counter()
-            d = state.diff(manifest, rows)
+            d = state.diff(manifest, rows, cfg.retry_quarantined)
             stats = RunStats(listed=len(rows), new=len(d.new), changed=len(d.changed), unchanged=d.unchanged,
-                             gone=len(d.gone))
-            if not d.new and not d.changed:
+                             gone=len(d.gone), retry=len(d.retry))
+            if not d.new and not d.changed and not d.retry:
                 stats.generation, stats.status = (manifest.generation if manifest else 0), "nothing_to_do"
                 log.info("nothing new or changed since generation %d: %d source(s) unchanged; nothing to do",
                          stats.generation, d.unchanged)
@@ -243,7 +290,7 @@ class Job:
                 ray.shutdown()
 
     def new_plan(self, manifest: shards.Manifest | None, d: state.Diff) -> state.Plan:
-        sources = sorted(d.new + d.changed, key=lambda r: (r["sid"], r["uri"]))
+        sources = sorted(d.new + d.changed + d.retry, key=lambda r: (r["sid"], r["uri"]))
         changed = sorted(r["uri"] for r in d.changed)
         rewrite = sorted({manifest.sources[u]["shard"] for u in changed
                           if manifest.sources[u].get("status") == "ok" and manifest.sources[u].get("shard")})
@@ -258,7 +305,8 @@ class Job:
                          f"{len(plan.sources)} planned source(s) still to do")
         else:
             lines.append(f"generation {plan.generation}: {len(d.new)} new, {len(d.changed)} changed, "
-                         f"{d.unchanged} unchanged, {len(d.gone)} no longer listed (kept)")
+                         f"{d.unchanged} unchanged, {len(d.gone)} no longer listed (kept)"
+                         + (f", {len(d.retry)} deferred or quarantined before, to retry" if d.retry else ""))
         if plan.rewrite:
             lines.append(f"rewrite {len(plan.rewrite)} shard(s) without the changed sources' old samples")
         lines += [f"  {redact_text(r['uri'])}" for r in plan.sources[:20]]
@@ -276,13 +324,13 @@ class Job:
         if manifest is None:
             manifest = shards.Manifest(mode=cfg.mode, recipe=self.recipe, recipe_hash=self.recipe_hash)
         if manifest.pending is None:
-            out.save_plan(plan)
+            self.store(lambda: out.save_plan(plan), "writing the plan")
             gen = state.begin(manifest, plan)
         else:
             gen = manifest.pending
             gen.attempts += 1
-            out.remove_orphans(manifest, gen.id)
-        out.save(manifest)
+            self.store(lambda: out.remove_orphans(manifest, gen.id), "removing orphans")
+        self.store(lambda: out.save(manifest), "committing the manifest")
         stats.generation, stats.attempt = gen.id, gen.attempts
         self.rewrite(manifest, gen, plan, stats)
         done = state.committed_in(manifest, gen.id)
@@ -294,13 +342,14 @@ class Job:
         if todo:
             self.process(manifest, gen, plan, todo, stats, t0)
         gen.finished, gen.plan = state.now(), ""  # the plan goes with the work folder
-        out.save(manifest)
+        self.store(lambda: out.save(manifest), "committing the manifest")
         stats.status, stats.wall_s = "done", time.perf_counter() - t0
-        all_stats = out.load_stats()
+        stats.retried, self.retries.count = stats.retried + self.retries.count, 0
+        all_stats = self.store(out.load_stats, "loading stats.json")
         all_stats["generations"][str(gen.id)] = stats.to_json()
         all_stats["last_run"] = stats.to_json()
-        out.save_stats(all_stats)
-        out.finish()
+        self.store(lambda: out.save_stats(all_stats), "writing stats.json")
+        self.store(out.finish, "deleting the work folder")
         return stats
 
     def rewrite(self, manifest: shards.Manifest, gen: shards.Generation, plan: state.Plan, stats: RunStats) -> None:
@@ -312,13 +361,14 @@ class Job:
             if old not in listed:
                 continue  # done by an earlier attempt
             name = shards.shard_name(gen.id, i)
-            res = writer.concatenate([self.out.path(old)], self.out.path(name), self.out.options, prefixes)
+            res = self.store(lambda: writer.concatenate([self.out.path(old)], self.out.path(name), self.out.options,
+                                                         prefixes), f"rewriting {old}")
             new = (shards.ShardEntry(name=name, samples=len(res["keys"]), bytes=res["bytes"], generation=gen.id,
                                      sha256=res["sha256"]) if res["keys"] else None)
             if new is None:
-                writer.remove([self.out.path(name)], self.out.options)
+                self.store(lambda: writer.remove([self.out.path(name)], self.out.options), f"removing {name}")
             state.apply_rewrite(manifest, gen, old, new, changed)
-            self.out.save(manifest)
+            self.store(lambda: self.out.save(manifest), "committing the manifest")
             stats.rewritten_shards += 1
             log.info("rewrote %s as %s without %d changed source(s)", old, name if new else "(nothing left)",
                      len(changed))
@@ -331,9 +381,11 @@ class Job:
         settings = StageSettings(mode=cfg.mode, clips=cfg.clips, grounding=cfg.grounding, audio=cfg.audio,
                                  storage=cfg.storage, recipe_hash=self.recipe_hash, work_url=out.work_url(gen.id),
                                  decode_timeout_s=cfg.resources.decode_timeout_s, limits=cfg.limits,
-                                 clips_per_row=cfg.resources.clips_per_row, scratch_dir=cfg.resources.scratch_dir)
+                                 clips_per_row=cfg.resources.clips_per_row, scratch_dir=cfg.resources.scratch_dir,
+                                 retry=cfg.failures.policy())
         rows = [initial_row(r, i, self.read_urls.get(r["uri"], "")) for i, r in enumerate(todo)]
         reasons: Counter = Counter()
+        deferred: Counter = Counter()
 
         # Concatenating a shard's parts is I/O: a driver thread does it while results keep coming (a Ray task
         # would first start a worker process, seconds on a small machine, for a copy that takes milliseconds).
@@ -341,7 +393,8 @@ class Job:
 
         def start_shard(shard: _Shard) -> Future:
             url = out.path(shards.shard_name(gen.id, shard.index))
-            return assembler.submit(writer.concatenate, shard.part_urls, url, out.options)
+            return assembler.submit(self.store, lambda: writer.concatenate(shard.part_urls, url, out.options),
+                                    f"writing {url}")
 
         def commit(shard: _Shard, written: dict | None) -> None:
             entry = None
@@ -351,15 +404,16 @@ class Job:
                 stats.shards += 1
                 stats.samples += entry.samples
                 stats.bytes += entry.bytes
-            state.record_sources(manifest, gen, entry, shard.outcomes)
-            out.save(manifest)
-            for _, outcome in shard.outcomes:
+            state.record_sources(manifest, gen, entry, shard.outcomes, cfg.failures.crash_runs)
+            self.store(lambda: out.save(manifest), "committing the manifest")
+            for row, outcome in shard.outcomes:
                 if "reason" in outcome:
-                    reasons[outcome["reason"]] += 1
+                    status = manifest.sources[row["uri"]]["status"]
+                    (deferred if status == "deferred" else reasons)[outcome["reason"]] += 1
                 elif outcome["lost_clips"]:
                     stats.salvaged += 1
                 stats.lost_clips.update(c["reason"] for c in outcome.get("lost_clips", []))
-            writer.remove(shard.part_urls, out.options)
+            self.store(lambda: writer.remove(shard.part_urls, out.options), "removing spooled parts")
             log.info("committed %s: %d source(s), %d sample(s); %d/%d sources done",
                      entry.name if entry else "no shard", len(shard.outcomes), entry.samples if entry else 0,
                      len(state.committed_in(manifest, gen.id)), gen.inputs)
@@ -372,6 +426,7 @@ class Job:
         try:
             for result in dataset.iter_rows():
                 stats.first_result_s = stats.first_result_s or time.perf_counter() - t0
+                stats.retried += result["retries"]
                 packer.add(result)
                 for stage, seconds in json.loads(result["timing"]).items():
                     stats.stage_seconds[stage] = stats.stage_seconds.get(stage, 0.0) + seconds
@@ -386,7 +441,7 @@ class Job:
         log.debug("Ray Data stage times:\n%s", dataset.stats())
         log.info("seconds per stage, summed over workers: %s",
                  ", ".join(f"{k} {v:.1f}" for k, v in sorted(stats.stage_seconds.items(), key=lambda kv: -kv[1])))
-        stats.quarantined = reasons
+        stats.quarantined, stats.deferred = reasons, deferred
 
 
 def run(cfg: PreprocessConfig) -> Result:

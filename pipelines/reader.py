@@ -24,11 +24,12 @@ import resource
 
 import av
 import decord
-import fsspec
 import numpy as np
 from decord._ffi.base import DECORDError
 
 from pipelines import clips as clipping
+from pipelines.failures import transient_reason
+from pipelines.pinned import open_source
 from tvlt_core.resize import FrameResize
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,12 @@ class Rejected(Exception):
 
 
 # --------------------------------------------------------------------------------------------------------- probe
-def _open(uri: str, storage_options: dict, stack: contextlib.ExitStack):
+def _open(uri: str, storage_options: dict, stack: contextlib.ExitStack, etag: str, version_id: str):
     if "://" in uri and not uri.startswith("file://"):
-        # Range reads: the probe touches the index and the first packets, not the whole object.
-        return av.open(stack.enter_context(fsspec.open(uri, "rb", **storage_options)), metadata_errors="ignore")
+        # Range reads: the probe touches the index and the first packets, not the whole object, of the version
+        # the listing saw (``pinned``).
+        source = stack.enter_context(open_source(uri, storage_options, etag, version_id))
+        return av.open(source, metadata_errors="ignore")
     return av.open(uri, metadata_errors="ignore")
 
 
@@ -69,23 +72,28 @@ def _audio_facts(container, stream) -> tuple[dict | None, str]:
             "codec": stream.codec_context.name, "sample_format": frame.format.name}, ""
 
 
-def probe(uri: str, storage_options: dict | None = None, want_audio: bool = True) -> dict:
+def probe(uri: str, storage_options: dict | None = None, want_audio: bool = True, etag: str = "",
+          version_id: str = "") -> dict:
     """Streams and timing of a video, checking that its first video (and audio) frame decodes.
 
     Returns ``{"duration", "fps", "width", "height", "rotation", "video_codec", "frames", "container", "audio",
     "audio_problem"}``: width/height as displayed (after rotation), ``audio`` None when there is no decodable audio.
-    Raises ``Rejected`` for inputs that cannot become samples.
+    Raises ``Rejected`` for inputs that cannot become samples, ``failures.SourceChanged`` when a remote object is
+    no longer at the listed ``etag``/``version_id``.
     """
     with contextlib.ExitStack() as stack:
-        return _probe(uri, storage_options or {}, want_audio, stack)
+        return _probe(uri, storage_options or {}, want_audio, stack, etag, version_id)
 
 
-def _probe(uri: str, storage_options: dict, want_audio: bool, stack: contextlib.ExitStack) -> dict:
+def _probe(uri: str, storage_options: dict, want_audio: bool, stack: contextlib.ExitStack, etag: str,
+           version_id: str) -> dict:
     try:
-        container = _open(uri, storage_options, stack)
+        container = _open(uri, storage_options, stack, etag, version_id)
     except FileNotFoundError as e:
         raise Rejected("unreadable", f"object not found ({e})") from None
     except PermissionError as e:
+        if transient_reason(e):  # the store rejected the credential: not this input's fault
+            raise
         raise Rejected("unreadable", f"no permission to read the object ({e})") from None
     except av.error.FFmpegError as e:
         raise Rejected("not_a_video", f"no demuxer recognises it: {e}") from None
@@ -289,7 +297,10 @@ def _reader(path: str) -> tuple[decord.VideoReader, np.ndarray]:
         release()
         _current.path = path
     if _current.reader is None:
-        _current.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        try:
+            _current.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        except RuntimeError as e:  # decord reports a file it cannot open as a bare RuntimeError
+            raise Rejected("undecodable_video", f"decord cannot open it: {e}") from None
         n = len(_current.reader)
         if n == 0:
             raise Rejected("undecodable_video", "decord finds no frames")
@@ -418,9 +429,10 @@ def release() -> None:
     _current.path = _current.reader = _current.frame_starts = _current.audio = _current.packets = None
 
 
-# Errors that mean "this input is bad" (quarantine it); anything else is a bug and fails the job.
-# decord reports a file it cannot open as RuntimeError, and corrupt data past the index as DECORDError.
-INPUT_ERRORS = (Rejected, DECORDError, av.error.FFmpegError, RuntimeError, OSError, EOFError, MemoryError)
+# Errors that mean "this input is bad" (quarantine it), unless ``failures.transient_reason`` finds the store or the
+# network behind them (the child asks that first); anything else is a bug and fails the job. decord reports corrupt
+# data past the index as DECORDError (a file it cannot open is turned into ``Rejected`` in ``_reader``).
+INPUT_ERRORS = (Rejected, DECORDError, av.error.FFmpegError, OSError, EOFError, MemoryError)
 
 # What the sandbox child may run (pipelines.sandbox).
 SANDBOXED = {"probe": probe, "decode_frames": decode_frames, "decode_audio_windows": decode_audio_windows,

@@ -11,10 +11,11 @@ child (``python -m pipelines.sandbox``) per actor and send it one request at a t
 The child may run under a memory limit (``limit_memory``): an input whose decoding fails an allocation under it
 is an input error with reason ``too_large`` (the child is then replaced, its libraries' state being unknown).
 A child that exits or is killed mid-call (crash), or does not answer within the timeout (killed, counted as a
-crash), raises ``SandboxCrash``; the next call starts a fresh child. ``call_with_retry`` retries a crash once and
-then gives up with the crash: the caller quarantines the input. An input error inside the child
-(``reader.INPUT_ERRORS``: demuxer and decoder errors, I/O errors) is a clean failure (``SandboxError``, not
-retried: decoding the same bytes again gives the same error). Any other exception is a bug or a broken install,
+crash), raises ``SandboxCrash``; the next call starts a fresh child. ``call_with_retry`` retries a crash, and a
+store or network failure inside the child (``SandboxError.transient``), with the backoff of its ``RetryPolicy``,
+then gives up: the caller defers the input (``pipelines.failures``: both are transient). An input error inside the
+child (``reader.INPUT_ERRORS``: demuxer and decoder errors, local I/O errors) is a clean failure (``SandboxError``,
+not retried: decoding the same bytes again gives the same error). Any other exception is a bug or a broken install,
 not a bad input: it is raised as ``RuntimeError`` so the job fails instead of quarantining every input.
 Only the functions in ``reader.SANDBOXED`` can be called; messages are pickles between our own two processes.
 """
@@ -34,6 +35,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from pipelines import failures
+from pipelines.failures import Retries, RetryPolicy, retrying, transient_reason
 from tvlt_core.redaction import redact_text
 
 log = logging.getLogger(__name__)
@@ -53,13 +56,25 @@ class SandboxCrash(RuntimeError):
 
 
 class SandboxError(RuntimeError):
-    """The input failed in the child (one of ``reader.INPUT_ERRORS``): ``type_name``, message, ``reason`` if any."""
+    """The input failed in the child (one of ``reader.INPUT_ERRORS``): ``type_name``, message, ``reason`` if any;
+    ``transient`` is the ``failures`` reason code when the store or the network failed, not the input."""
 
-    def __init__(self, type_name: str, message: str, reason: str = ""):
+    def __init__(self, type_name: str, message: str, reason: str = "", transient: str = ""):
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.message = message
         self.reason = reason
+        self.transient = transient
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The transient reason of a sandbox call's failure: a crash or hang (``decoder_crash``), a store or network
+    failure inside the child; "" for a bad input."""
+    if isinstance(exc, SandboxCrash):
+        return failures.DECODER_CRASH
+    if isinstance(exc, SandboxError):
+        return exc.transient
+    return ""
 
 
 def _describe_exit(code: int | None) -> str:
@@ -83,12 +98,15 @@ class Sandbox:
     """One child process, started on first use and restarted after a crash. ``role`` only labels the child's
     command line (``python -m pipelines.sandbox decode``), so operators can tell probe and decode children apart."""
 
-    def __init__(self, role: str = "decode", timeout_s: float = 300.0, memory_bytes: int = 0):
+    def __init__(self, role: str = "decode", timeout_s: float = 300.0, retry: RetryPolicy | None = None,
+                 memory_bytes: int = 0):
         self.role = role
         self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy(attempts=2, backoff_s=0.0, max_backoff_s=0.0)
         self.memory_bytes = memory_bytes  # the child's RLIMIT_DATA; 0: no limit
         self._proc: subprocess.Popen | None = None
         self.crashes = 0
+        self.retries = Retries()  # retries made by ``call_with_retry``, for the run's stats
 
     @property
     def pid(self) -> int | None:
@@ -164,16 +182,15 @@ class Sandbox:
             self._kill()  # an allocation failed somewhere in the child: the next input gets a fresh one
         raise SandboxError(*reply[1:])
 
-    def call_with_retry(self, name: str, retries: int = 1, **kwargs) -> Any:
-        """``call``, repeated in a fresh child after a crash, at most ``retries`` times."""
-        for attempt in range(1, retries + 2):
-            try:
-                return self.call(name, **kwargs)
-            except SandboxCrash as crash:
-                log.warning("%s (attempt %d of %d)", crash, attempt, retries + 1)
-                if attempt == retries + 1:
-                    raise SandboxCrash(str(crash), attempts=attempt) from None
-        raise AssertionError("unreachable")
+    def call_with_retry(self, name: str, **kwargs) -> Any:
+        """``call``, repeated after a crash (in a fresh child) or a transient failure in the child (the store,
+        the network), with the backoff of ``self.retry``. A crash that outlasts it says how many calls were made."""
+        before = self.retries.count
+        try:
+            return retrying(lambda: self.call(name, **kwargs), self.retry, f"sandboxed {name}", self.retries,
+                            reason_of=failure_reason)
+        except SandboxCrash as crash:
+            raise SandboxCrash(str(crash), attempts=self.retries.count - before + 1) from None
 
     def close(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -223,11 +240,13 @@ def main() -> None:
         try:
             reply = ("ok", reader.SANDBOXED[name](**kwargs))
         except MemoryError as e:  # over the limit (numpy, PyAV's ENOMEM): the input is too large for this decoder
-            reply = ("error", type(e).__name__, f"out of memory under the decoder's limit: {e}"[:2000], TOO_LARGE)
-        except reader.INPUT_ERRORS as e:
-            reply = ("error", type(e).__name__, str(e)[:2000], getattr(e, "reason", ""))
-        except Exception as e:  # noqa: BLE001 - a bug or a broken install: goes back whole, so the job fails loudly
-            reply = ("bug", type(e).__name__, str(e)[:2000], traceback.format_exc())
+            reply = ("error", type(e).__name__, f"out of memory under the decoder's limit: {e}"[:2000], TOO_LARGE, "")
+        except Exception as e:  # noqa: BLE001 - classified here: the store's fault, the input's, or a bug
+            transient = transient_reason(e)  # a remote read the store or the network failed: not the input
+            if transient or isinstance(e, reader.INPUT_ERRORS):
+                reply = ("error", type(e).__name__, str(e)[:2000], getattr(e, "reason", ""), transient)
+            else:  # a bug or a broken install: goes back whole, so the job fails loudly
+                reply = ("bug", type(e).__name__, str(e)[:2000], traceback.format_exc())
         _send(reply_stream, reply)
 
 

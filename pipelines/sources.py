@@ -10,8 +10,9 @@
 A source is identified by its credential-free URL (``Source.uri``); a URL that carries credentials (presigned,
 ``user:pw@``) is kept apart as ``Source.read_url``, for reading only (``tvlt_core.redaction.public_uri``).
 
-A source's version is (size, etag, mtime) as the store reports it; an incremental run reprocesses a source when
-any of them changed. Listing runs in the driver: it is a few paginated LIST calls, not work to distribute.
+A source's version is (size, etag, mtime) as the store reports it (and its VersionId on a versioned bucket); an
+incremental run reprocesses a source when any of them changed, and reads it at that version (``pipelines.pinned``).
+Listing runs in the driver: it is a few paginated LIST calls, not work to distribute.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tvlt_core.redaction import public_uri, redact, redact_text
 
 log = logging.getLogger(__name__)
 LIST_FILE_SUFFIXES = (".csv", ".jsonl", ".parquet")
-_VERSION_COLUMNS = ("size", "etag", "mtime")
+_VERSION_COLUMNS = ("size", "etag", "mtime", "version_id")
 
 
 class InputNotFound(FileNotFoundError):
@@ -52,6 +53,7 @@ class Source:
     size: int
     etag: str = ""
     mtime: str = ""
+    version_id: str = ""  # S3 VersionId where the bucket is versioned and the listing gave one: what is read
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     read_url: str = field(default="", hash=False, compare=False, repr=False)
 
@@ -91,7 +93,8 @@ def _from_info(fs: fsspec.AbstractFileSystem, info: dict) -> Source:
     """A Source from an fsspec ``info`` dict: s3fs gives ETag/LastModified, local files size/mtime."""
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
     mtime = _text(info.get("LastModified") or info.get("mtime") or info.get("last_modified") or "")
-    return Source(uri=_full_uri(fs, info["name"]), size=int(info.get("size") or 0), etag=etag, mtime=mtime)
+    return Source(uri=_full_uri(fs, info["name"]), size=int(info.get("size") or 0), etag=etag, mtime=mtime,
+                  version_id=str(info.get("VersionId") or ""))
 
 
 def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
@@ -151,9 +154,10 @@ def _list_file(url: str, cfg: SourceConfig, storage: StorageConfig) -> list[Sour
                 # Listed but absent: it still goes through the pipeline and is quarantined with a reason.
                 sources.append(Source(uri=uri, size=-1, extra=extra, read_url=read_url))
                 continue
-            version = {"size": info.size, "etag": info.etag, "mtime": info.mtime}
+            version = {"size": info.size, "etag": info.etag, "mtime": info.mtime, "version_id": info.version_id}
         sources.append(Source(uri=uri, size=int(version["size"]), etag=_text(version["etag"]),
-                              mtime=_text(version["mtime"]), extra=extra, read_url=read_url))
+                              mtime=_text(version["mtime"]), version_id=_text(version["version_id"]), extra=extra,
+                              read_url=read_url))
     return sources
 
 

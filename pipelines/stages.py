@@ -28,13 +28,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 
 from pipelines import clips as clipping
 from pipelines import writer
+from pipelines import failures
 from pipelines.config import AudioConfig, ClipConfig, GroundingConfig, LimitConfig, StorageConfig
-from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
+from pipelines.failures import Retries, RetryPolicy, SourceChanged, retrying, transient_reason
+from pipelines.pinned import check_local, open_source
+from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError, failure_reason
 from pipelines.sources import is_remote
 from tvlt_core import recipe, shards
 from tvlt_core.redaction import redact_text
@@ -61,6 +63,7 @@ class StageSettings:
     clips_per_row: int
     limits: LimitConfig = field(default_factory=LimitConfig)
     scratch_dir: str = ""
+    retry: RetryPolicy = RetryPolicy()  # transient failures: tries per probe, download, decoder call, part upload
 
     @property
     def decoder_memory_bytes(self) -> int:
@@ -80,7 +83,8 @@ def initial_row(plan_row: dict, order: int, read_url: str = "") -> dict:
     columns. ``read_url`` lives only in the graph's rows: records, manifest and plan hold the credential-free
     ``uri``."""
     return {**plan_row, "order": order, "read_url": read_url or plan_row["uri"], "failure": "", "probe": "",
-            "clips": "", "timing": "{}", "queries": plan_row.get("queries", "[]")}
+            "clips": "", "timing": "{}", "queries": plan_row.get("queries", "[]"),
+            "version_id": plan_row.get("version_id", ""), "retries": 0}
 
 
 def timed(row: dict, stage: str, seconds: float) -> dict:
@@ -90,9 +94,21 @@ def timed(row: dict, stage: str, seconds: float) -> dict:
     return {**row, "timing": json.dumps(timing)}
 
 
-def failed(row: dict, stage: str, reason: str, error: str) -> dict:
-    """The row of a source that gives no samples, with where and why."""
-    return {**row, "failure": json.dumps({"stage": stage, "reason": reason, "error": redact_text(error)[:2000]})}
+def failed(row: dict, stage: str, reason: str, error: str, deferred: bool = False) -> dict:
+    """The row of a source that gives no samples, with where and why; ``deferred``: a transient failure
+    (``pipelines.failures``), retried by the next run, not quarantined."""
+    return {**row, "failure": json.dumps({"stage": stage, "reason": reason, "error": redact_text(error)[:2000],
+                                          "deferred": deferred})}
+
+
+def sandbox_failed(row: dict, stage: str, error: SandboxCrash | SandboxError, reason: str) -> dict:
+    """The row of a source whose sandboxed call failed: deferred when transient (a crash or hang, the store), else
+    quarantined with ``reason`` (the child's, when it gave one)."""
+    transient = failure_reason(error)
+    if transient:
+        detail = f"{error} ({error.attempts} attempts)" if isinstance(error, SandboxCrash) else error.message
+        return failed(row, stage, transient, detail, deferred=True)
+    return failed(row, stage, error.reason or reason, error.message)
 
 
 def _segment_row(row: dict, seg: int, n_segs: int, frames=_NO_FRAMES, audio=_NO_AUDIO, bounds=_NO_BOUNDS,
@@ -116,12 +132,14 @@ class ProbeStage:
 
     def __init__(self, settings: StageSettings):
         self.settings = settings
-        self.sandbox = Sandbox("probe", timeout_s=settings.decode_timeout_s, memory_bytes=settings.decoder_memory_bytes)
+        self.sandbox = Sandbox("probe", timeout_s=settings.decode_timeout_s, retry=settings.retry,
+                               memory_bytes=settings.decoder_memory_bytes)
         self.sandbox.start()  # while the actor pool starts, not in the first input's time
 
     def __call__(self, row: dict) -> dict:
-        start = time.perf_counter()
-        return timed(self._probe(row), "probe", time.perf_counter() - start)
+        start, mark = time.perf_counter(), self.sandbox.retries.count
+        out = timed(self._probe(row), "probe", time.perf_counter() - start)
+        return {**out, "retries": out["retries"] + self.sandbox.retries.count - mark}
 
     def _probe(self, row: dict) -> dict:
         s = self.settings
@@ -133,14 +151,20 @@ class ProbeStage:
             return failed(row, "listing", "unreadable", "listed in the input list but not found in the store")
         if s.limits.max_bytes and row["size"] > s.limits.max_bytes:  # before reading a byte of it
             return failed(row, "probe", *s.limits.over(row["size"], 0, 0, 0.0))
+        if not is_remote(row["read_url"]):
+            try:
+                check_local(_local_path(row["read_url"]), row["size"], row["mtime"])
+            except SourceChanged as e:
+                return failed(row, "probe", failures.SOURCE_CHANGED, str(e), deferred=True)
+            except OSError:
+                pass  # gone or unreadable: the probe says which, with the reason it always gave
         try:
             info = self.sandbox.call_with_retry("probe", uri=row["read_url"],
                                                 storage_options=s.storage.options(row["uri"]),
-                                                want_audio=s.mode == "pretrain")
-        except SandboxError as e:
-            return failed(row, "probe", e.reason or "probe_error", e.message)
-        except SandboxCrash as e:
-            return failed(row, "probe", "decoder_crash", f"{e} ({e.attempts} attempts)")
+                                                want_audio=s.mode == "pretrain", etag=row["etag"],
+                                                version_id=row["version_id"])
+        except (SandboxError, SandboxCrash) as e:
+            return sandbox_failed(row, "probe", e, "probe_error")
         over = s.limits.over(row["size"], info["width"], info["height"], info["duration"])
         if over is not None:
             return failed(row, "probe", *over)
@@ -154,15 +178,40 @@ class ProbeStage:
 
 
 # --------------------------------------------------------------------------------------------------------- decode
-def _local_copy(uri: str, storage: StorageConfig, scratch_dir: str) -> tuple[str, str | None]:
-    """(path decord can open, temporary folder to delete or None). Remote objects are downloaded once per video."""
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def _local_copy(row: dict, settings: StageSettings) -> tuple[str, str | None]:
+    """(path decord can open, temporary folder to delete or None). Remote objects are downloaded once per video,
+    at the version the listing saw (``pinned``); a local file must still have its listed size and mtime."""
+    uri = row["read_url"]
     if not is_remote(uri):
-        return uri[len("file://"):] if uri.startswith("file://") else uri, None
-    folder = tempfile.mkdtemp(prefix="decode-", dir=scratch_dir or None)
+        check_local(_local_path(uri), row["size"], row["mtime"])
+        return _local_path(uri), None
+    folder = tempfile.mkdtemp(prefix="decode-", dir=settings.scratch_dir or None)
     path = os.path.join(folder, "source" + os.path.splitext(uri.split("?", 1)[0])[1])
-    with fsspec.open(uri, "rb", **storage.options(uri)) as src, open(path, "wb") as dst:
-        shutil.copyfileobj(src, dst, length=1 << 22)
+    try:
+        with open_source(uri, settings.storage.options(row["uri"]), row["etag"], row["version_id"]) as src, \
+                open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 22)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return path, folder
+
+
+def _download(row: dict, settings: StageSettings, counter: Retries) -> tuple[str, str | None, dict | None]:
+    """``_local_copy`` retried on transient failures: (path, scratch folder, None), or (, , the failed row)."""
+    try:
+        return *retrying(lambda: _local_copy(row, settings), settings.retry, f"download {row['uri']}", counter), None
+    except Exception as e:  # noqa: BLE001 - classified here; anything neither transient nor unreadable is raised
+        reason = transient_reason(e)
+        if reason:
+            return "", None, failed(row, "decode", reason, f"download failed: {e}", deferred=True)
+        if isinstance(e, (FileNotFoundError, PermissionError)):  # gone or locked since it was listed and probed
+            return "", None, failed(row, "decode", "unreadable", f"download failed: {e}")
+        raise
 
 
 class DecodeStage:
@@ -174,7 +223,7 @@ class DecodeStage:
     def __init__(self, settings: StageSettings, finish: bool = True):
         self.settings = settings
         self.finish = finish
-        self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s,
+        self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s, retry=settings.retry,
                                memory_bytes=settings.decoder_memory_bytes)
         # Start-up work now, while the pool starts, rather than in the first input's time: the decoder child, and
         # torch (the log-mel module imports it; the probe actors never do).
@@ -182,11 +231,13 @@ class DecodeStage:
         import tvlt_core.audio  # noqa: F401
 
     def __call__(self, row: dict):
-        s = self.settings
+        s, mark, inherited = self.settings, self.sandbox.retries.count, row.get("retries", 0)
         for seg_row in self.decode(row):
             if self.finish:
-                seg_row = write_stage(encode_stage(log_mel_stage(seg_row, s), s), s)
-            yield seg_row
+                seg_row = write_stage(encode_stage(log_mel_stage(seg_row, s), s), s, self.sandbox.retries)
+            # retries made for this segment (the probe's count goes with the first one only)
+            yield {**seg_row, "retries": inherited + self.sandbox.retries.count - mark}
+            mark, inherited = self.sandbox.retries.count, 0
 
     def decode(self, row: dict):
         if row["failure"]:
@@ -198,10 +249,9 @@ class DecodeStage:
         want_audio = s.mode == "pretrain" and info["audio"] is not None
         frames_per_clip = s.grounding.frames if s.mode == "grounding" else s.clips.frames
         start = time.perf_counter()
-        try:
-            path, scratch = _local_copy(row["read_url"], s.storage, s.scratch_dir)
-        except (FileNotFoundError, PermissionError) as e:  # gone or locked since it was listed and probed
-            yield _segment_row(failed(row, "decode", "unreadable", f"download failed: {e}"), -1, 0)
+        path, scratch, failure = _download(row, s, self.sandbox.retries)
+        if failure is not None:
+            yield _segment_row(failure, -1, 0)
             return
         row = timed(row, "download", time.perf_counter() - start)
         try:
@@ -209,11 +259,8 @@ class DecodeStage:
             for k, seg in enumerate(segs):
                 try:
                     out, timing = self._decode(path, seg, frames_per_clip, want_audio, info)
-                except SandboxCrash as e:
-                    yield _segment_row(failed(row, "decode", "decoder_crash", f"{e} ({e.attempts} attempts)"), -1, 0)
-                    return
-                except SandboxError as e:
-                    yield _segment_row(failed(row, "decode", e.reason or "undecodable_video", e.message), -1, 0)
+                except (SandboxCrash, SandboxError) as e:
+                    yield _segment_row(sandbox_failed(row, "decode", e, "undecodable_video"), -1, 0)
                     return
                 seg_row = row if k == 0 else {**row, "timing": "{}"}  # source-level times count once
                 for stage, seconds in timing.items():
@@ -320,7 +367,7 @@ def encode_stage(row: dict, settings: StageSettings) -> dict:
 
 
 def _encode(row: dict, settings: StageSettings) -> dict:
-    base = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure", "timing")}
+    base = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure", "timing", "retries")}
     if row["failure"]:
         return {**base, "part": b"", "summary": ""}
     clips = [clipping.Clip(*c) for c in json.loads(row["clips"])]
@@ -351,12 +398,21 @@ def _encode(row: dict, settings: StageSettings) -> dict:
     return {**base, "part": writer.tar_bytes(samples) if samples else b"", "summary": json.dumps(summary)}
 
 
-def write_stage(row: dict, settings: StageSettings) -> dict:
-    """Write the segment's tar to the generation's work folder under a name fixed by (source, segment)."""
+def write_stage(row: dict, settings: StageSettings, counter: Retries | None = None) -> dict:
+    """Write the segment's tar to the generation's work folder under a name fixed by (source, segment), retrying
+    transient failures; a part that cannot be written defers its source."""
     start = time.perf_counter()
-    out = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure", "summary", "timing")}
+    out = {k: row[k] for k in ("order", "uri", "sid", "seg", "n_segs", "failure", "summary", "timing", "retries")}
     out["part_url"], out["part_bytes"] = "", len(row["part"])
     if row["part"]:
-        out["part_url"] = writer.part_url(settings.work_url, row["sid"], row["seg"])
-        writer.publish(out["part_url"], row["part"], settings.storage.options(out["part_url"]))
+        url = writer.part_url(settings.work_url, row["sid"], row["seg"])
+        try:
+            retrying(lambda: writer.publish(url, row["part"], settings.storage.options(url)), settings.retry,
+                     f"write {url}", counter)
+            out["part_url"] = url
+        except Exception as e:  # noqa: BLE001 - classified here; anything not transient is raised
+            reason = transient_reason(e)
+            if not reason:
+                raise
+            out = {**failed(out, "write", reason, f"part upload failed: {e}", deferred=True), "part_bytes": 0}
     return timed(out, "write", time.perf_counter() - start)

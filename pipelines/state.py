@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from pipelines import writer
+from pipelines import failures, writer
 from pipelines.annotations import Query, queries_hash
 from pipelines.sources import Source, join
 from tvlt_core import shards
@@ -63,26 +63,32 @@ class Diff:
     changed: list[dict]
     unchanged: int
     gone: list[str]  # in the manifest, no longer listed (their samples are kept)
+    retry: list[dict] = field(default_factory=list)  # deferred last time (or quarantined, with retry_quarantined)
 
 
 def _version(row: dict) -> tuple:
     return row["size"], row["etag"], row["mtime"], row.get("annotations", "")
 
 
-def diff(manifest: shards.Manifest | None, rows: list[dict]) -> Diff:
-    """Split listed source rows into new, changed and unchanged against the manifest's record of each source."""
+def diff(manifest: shards.Manifest | None, rows: list[dict], retry_quarantined: bool = False) -> Diff:
+    """Split listed source rows into new, changed, to retry and unchanged against the manifest's record of each
+    source. Deferred sources are retried whatever their version (a changed one is retried as changed: its old
+    samples may need removing); quarantined ones only with ``retry_quarantined``."""
     known = manifest.sources if manifest else {}
-    new, changed, unchanged = [], [], 0
+    again = {"deferred", "quarantined"} if retry_quarantined else {"deferred"}
+    new, changed, retry, unchanged = [], [], [], 0
     for row in rows:
         entry = known.get(row["uri"])
         if entry is None:
             new.append(row)
         elif _version(row) != (entry.get("size"), entry.get("etag"), entry.get("mtime"), entry.get("annotations", "")):
             changed.append(row)
+        elif entry.get("status") in again:
+            retry.append(row)
         else:
             unchanged += 1
     listed = {r["uri"] for r in rows}
-    return Diff(new, changed, unchanged, sorted(u for u in known if u not in listed))
+    return Diff(new, changed, unchanged, sorted(u for u in known if u not in listed), retry)
 
 
 def plan_rows(sources: list[Source], annotations: dict[str, list[dict]] | None = None) -> list[dict]:
@@ -90,7 +96,7 @@ def plan_rows(sources: list[Source], annotations: dict[str, list[dict]] | None =
     rows = []
     for s in sources:
         row = {"uri": s.uri, "sid": s.sid, "size": s.size, "etag": s.etag, "mtime": s.mtime,
-               "extra": json.dumps(s.extra, sort_keys=True)}
+               "version_id": s.version_id, "extra": json.dumps(s.extra, sort_keys=True)}
         if annotations is not None:
             queries = annotations[s.uri]
             row["queries"] = json.dumps(queries)
@@ -124,7 +130,9 @@ class Output:
         return shards.Manifest.from_json(text)
 
     def save(self, manifest: shards.Manifest) -> None:
-        """manifest.json first (the commit point), then the quarantine view derived from it."""
+        """manifest.json first (the commit point), then the quarantine view derived from it: quarantined
+        sources and the clips damage cost kept ones (deferred sources are not in it: they are not the input's fault,
+        and the next run retries them)."""
         writer.publish_text(self.path(shards.MANIFEST_NAME), manifest.to_json(), self.options)
         lines = "".join(r.to_json() + "\n" for r in manifest.quarantine() + manifest.lost_clips())
         writer.publish_text(self.path(shards.QUARANTINE_NAME), lines, self.options)
@@ -156,8 +164,9 @@ class Output:
             if writer.TMP_MARK in name or (name.startswith(prefix) and name not in listed):
                 orphans.append(url)
         writer.remove(orphans, self.options)
-        if orphans:
-            log.info("removed %d orphan file(s) of an interrupted run", len(orphans))
+        aborted = writer.abort_uploads(self.url, self.options)
+        if orphans or aborted:
+            log.info("removed %d orphan file(s) and %d open upload(s) of an interrupted run", len(orphans), aborted)
         return orphans
 
     def finish(self) -> None:
@@ -205,11 +214,14 @@ def apply_rewrite(manifest: shards.Manifest, gen: shards.Generation, old: str, n
 
 
 def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: shards.ShardEntry | None,
-                   outcomes: list[tuple[dict, dict]]) -> None:
+                   outcomes: list[tuple[dict, dict]], crash_runs: int = 3) -> None:
     """Commit ``shard`` (if any) and the outcome of each (plan row, outcome) it covers into the manifest.
 
-    outcome: ``{"samples": n}`` for a good source, or ``{"stage", "reason", "error"}`` for a quarantined one;
-    either may hold ``lost_clips`` (``[{"clip", "start", "end", "reason", "error"}]``): clips damage cost it.
+    outcome: ``{"samples": n}`` for a good source, or ``{"stage", "reason", "error", "deferred"}`` for one that
+    failed: quarantined, or deferred (a transient failure; ``deferrals`` counts the runs in a row that deferred it).
+    A decoder crash deferred ``crash_runs`` runs in a row is quarantined instead: a file that crashes the decoder
+    every time would otherwise be retried forever. Either may hold ``lost_clips``
+    (``[{"clip", "start", "end", "reason", "error"}]``): the clips damage cost it.
     """
     if shard is not None:
         manifest.shards.append(shard)
@@ -221,9 +233,16 @@ def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: sha
         if row.get("annotations"):
             entry["annotations"] = row["annotations"]
         if "reason" in outcome:
-            entry.update(status="quarantined", stage=outcome["stage"], reason=outcome["reason"],
-                         error=outcome["error"])
-            gen.quarantined += 1
+            deferrals = manifest.sources.get(row["uri"], {}).get("deferrals", 0) + 1 if outcome.get("deferred") else 0
+            if outcome["reason"] == failures.DECODER_CRASH and deferrals >= crash_runs:
+                deferrals = 0  # quarantined: the input is the likely cause
+            status = "deferred" if deferrals else "quarantined"
+            entry.update(status=status, stage=outcome["stage"], reason=outcome["reason"], error=outcome["error"])
+            if deferrals:
+                entry["deferrals"] = deferrals
+                gen.deferred += 1
+            else:
+                gen.quarantined += 1
         else:
             entry.update(status="ok", samples=outcome["samples"], shard=shard.name if shard else "")
         if outcome.get("lost_clips"):

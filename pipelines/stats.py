@@ -15,6 +15,7 @@ class RunStats:
     listed: int = 0
     new: int = 0
     changed: int = 0
+    retry: int = 0  # deferred by an earlier run (or quarantined, with --retry-quarantined): planned again
     unchanged: int = 0
     gone: int = 0
     planned: int = 0  # sources of the generation
@@ -29,6 +30,8 @@ class RunStats:
     quarantined: Counter = field(default_factory=Counter)  # reason -> count
     salvaged: int = 0  # sources kept with some clips lost to damage
     lost_clips: Counter = field(default_factory=Counter)  # reason -> clips lost (of kept and quarantined sources)
+    deferred: Counter = field(default_factory=Counter)  # transient reason -> count: the next run retries them
+    retried: int = 0  # transient failures retried within the run (driver and workers; botocore's own not counted)
     stage_seconds: dict = field(default_factory=dict)  # stage -> seconds summed over workers
     wall_s: float = 0.0
     startup_s: float = 0.0  # listing, plan (and Ray start-up when the job starts Ray), before the graph runs
@@ -47,6 +50,7 @@ class RunStats:
         data = asdict(self)
         data["quarantined"] = dict(sorted(self.quarantined.items()))
         data["lost_clips"] = dict(sorted(self.lost_clips.items()))
+        data["deferred"] = dict(sorted(self.deferred.items()))
         data["stage_seconds"] = {k: round(v, 3) for k, v in sorted(self.stage_seconds.items())}
         data.update(videos_per_s=round(self.videos_per_s, 3), video_s_per_s=round(self.video_s_per_s, 2))
         return data
@@ -57,6 +61,7 @@ class RunStats:
             ("generation", f"{self.generation} ({self.status}"
                            + (f", attempt {self.attempt})" if self.attempt > 1 else ")")),
             ("sources listed", f"{self.listed}: {self.new} new, {self.changed} changed, {self.unchanged} unchanged"
+                               + (f", {self.retry} to retry" if self.retry else "")
                                + (f", {self.gone} gone (samples kept)" if self.gone else "")),
             ("inputs processed", f"{self.inputs}" + (f" (+{self.skipped} committed before a restart)"
                                                      if self.skipped else "")),
@@ -70,6 +75,9 @@ class RunStats:
         if self.lost_clips:
             rows.append(("clips lost to damage", f"{sum(self.lost_clips.values())} (kept the rest of "
                                                  f"{self.salvaged} source(s))"))
+        rows.append(("deferred (next run retries)", f"{sum(self.deferred.values())}"))
+        rows += [(f"  {reason}", f"{n}") for reason, n in sorted(self.deferred.items())]
+        rows.append(("transient failures retried", f"{self.retried}"))
         rows += [
             ("wall time", f"{self.wall_s:.1f} s (plan and start-up {self.startup_s:.1f} s, first result after "
                           f"{self.first_result_s:.1f} s)"),

@@ -98,6 +98,20 @@ def remove(urls: Iterable[str], storage_options: dict) -> None:
         fs.rm(existing)
 
 
+def abort_uploads(folder_url: str, storage_options: dict) -> int:
+    """Abort the multipart uploads still open under ``folder_url`` (what a writer killed mid-upload leaves: parts
+    that cost storage and never become an object). Local folders have none. Returns how many were aborted."""
+    if not is_remote(folder_url):
+        return 0
+    fs, path = fsspec.core.url_to_fs(folder_url, **storage_options)
+    bucket, _, prefix = path.partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    uploads = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    for upload in uploads:
+        fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    return len(uploads)
+
+
 def remove_tree(url: str, storage_options: dict) -> None:
     fs, path = fsspec.core.url_to_fs(url, **storage_options)
     if fs.exists(path):

@@ -221,9 +221,11 @@ def test_a_small_decoder_limit_or_tight_caps_quarantine_with_the_reason_and_the_
 
     capped = tmp_path / "capped"
     size = (inputs / "long_audio.mp4").stat().st_size
-    code = main([*TINY, "--input", str(inputs), "--output", str(capped), "--limits.max_pixels", str(1920 * 1080),
-                 "--limits.max_bytes", str(size - 1)])
-    assert code == 0
+    # two of three inputs over a cap: more than the default failures.max_failed_share, so the run says so (exit 3)
+    # after processing everything; a schedule that expects this raises the share
+    argv = [*TINY, "--input", str(inputs), "--limits.max_pixels", str(1920 * 1080), "--limits.max_bytes", str(size - 1)]
+    assert main([*argv, "--output", str(tmp_path / "strict")]) == 3
+    assert main([*argv, "--output", str(capped), "--failures.max_failed_share", "1.0"]) == 0
     entries = {Path(u).stem: e for u, e in shards.load_manifest(str(capped)).sources.items()}
     assert {k: (e["status"], e.get("reason", "")) for k, e in entries.items()} == {
         "clean": ("ok", ""), "long_audio": ("quarantined", "too_large"), "uhd": ("quarantined", "resolution_too_high")}

@@ -18,6 +18,7 @@ from jobs.preprocess import main
 from pipelines import clips, state, writer
 from pipelines.config import MAX_CLIP_S, PreprocessConfig, SourceConfig, StorageConfig
 from pipelines.config import AudioConfig, ClipConfig, GroundingConfig
+from pipelines.failures import RetryPolicy
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
 from pipelines.sources import list_sources
 from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
@@ -57,6 +58,11 @@ def test_frame_instants_and_indices_follow_presentation_times():
     (["--shards.target_bytes", "10"], ["shards.target_bytes"]),
     (["--limits.decoder_memory_gib", "0.1"], ["limits.decoder_memory_gib"]),
     (["--limits.max_duration_s", "-1"], ["limits.max_duration_s"]),
+    (["--failures.attempts", "0"], ["failures.attempts"]),
+    (["--failures.backoff_s", "5", "--failures.max_backoff_s", "1"], ["failures.backoff_s", "max_backoff_s"]),
+    (["--failures.max_failed_share", "1.5"], ["failures.max_failed_share"]),
+    (["--storage.read_timeout_s", "0"], ["storage.read_timeout_s"]),
+    (["--storage.request_attempts", "0"], ["storage.request_attempts"]),
 ])
 def test_bad_settings_fail_before_any_work_naming_the_setting(argv, names, tmp_path):
     with pytest.raises(ConfigError) as err:
@@ -128,7 +134,8 @@ def test_a_decoder_killed_mid_call_costs_that_call_and_is_retried_once(synthetic
         out = sandbox.call_with_retry("decode_frames", path=video, times=[[1.0, 2.0]])
         killer.stop()
         assert killer.kills == 1 and sandbox.crashes == 2 and out["frames"][0].shape[0] == 2
-        # Crashing every time: two attempts, then the crash goes to the caller (who quarantines the input).
+        # Crashing every time: two attempts (the default policy), then the crash goes to the caller (who defers
+        # the input: a decoder killed from outside is transient).
         killer = Killer(video, role="decode-unit-test", times=2)
         killer.start()
         with pytest.raises(SandboxCrash) as crash:
@@ -161,12 +168,13 @@ def test_a_hung_decoder_is_killed_at_the_timeout(synthetic_corpus):
         sandbox.close()
 
 
-def test_the_decode_stage_survives_decoder_crashes_retrying_once_then_quarantining(synthetic_corpus, tmp_path):
+def test_the_decode_stage_survives_decoder_crashes_retrying_then_deferring(synthetic_corpus, tmp_path):
     videos = [str(synthetic_corpus.path(v)) for v in synthetic_corpus.of_kind("pretrain")[:3]]
     crash_once, crash_always, fine = videos
     settings = StageSettings(mode="pretrain", clips=ClipConfig(length_s=2.0, stride_s=2.0, min_length_s=0.5),
                              grounding=GroundingConfig(), audio=AudioConfig(), storage=StorageConfig(),
-                             recipe_hash="r", work_url=str(tmp_path), decode_timeout_s=120, clips_per_row=16)
+                             recipe_hash="r", work_url=str(tmp_path), decode_timeout_s=120, clips_per_row=16,
+                             retry=RetryPolicy(attempts=2, backoff_s=0.1, max_backoff_s=0.1))
     probe, decode = ProbeStage(settings), DecodeStage(settings, finish=False)  # keep the decoded arrays
     listed = list_sources(str(synthetic_corpus.root / "pretrain" / "pt_0000[012].mp4"), SourceConfig(), StorageConfig())
     rows = {row["uri"]: probe(initial_row(row, i)) for i, row in enumerate(state.plan_rows(listed))}
@@ -181,8 +189,8 @@ def test_the_decode_stage_survives_decoder_crashes_retrying_once_then_quarantini
     assert killers[0].kills == 1 and killers[1].kills >= 2
     (failure,) = out[crash_always]
     record = json.loads(failure["failure"])
-    assert (record["stage"], record["reason"]) == ("decode", "decoder_crash")
-    assert "SIGSEGV" in record["error"] and "2 attempts" in record["error"]
+    assert (record["stage"], record["reason"], record["deferred"]) == ("decode", "decoder_crash", True)
+    assert "SIGSEGV" in record["error"] and "2 attempts" in record["error"] and failure["retries"] == 1
     again = list(decode(rows[crash_once]))  # nothing lost: the retried input decodes exactly as an undisturbed one
     for segments in (out[crash_once], out[fine]):
         assert segments and not any(r["failure"] for r in segments)
@@ -224,18 +232,43 @@ def _row(uri, size=10, etag="", mtime="1", annotations=""):
     return {**row, "annotations": annotations} if annotations else row
 
 
-def test_diff_finds_new_changed_unchanged_and_gone_sources():
+def _manifest(statuses: dict[str, str]) -> shards.Manifest:
+    """A manifest whose sources (all size 10, mtime "1") have the given statuses."""
     m = shards.Manifest(mode="pretrain", recipe={}, recipe_hash="r")
-    m.sources = {"/a": {"size": 10, "etag": "", "mtime": "1", "status": "ok"},
-                 "/b": {"size": 10, "etag": "", "mtime": "1", "status": "quarantined"},
-                 "/c": {"size": 10, "etag": "", "mtime": "1", "status": "ok"},
-                 "/g": {"size": 10, "etag": "", "mtime": "1", "status": "ok"}}
+    m.sources = {uri: {"size": 10, "etag": "", "mtime": "1", "status": status} for uri, status in statuses.items()}
+    return m
+
+
+def test_diff_finds_new_changed_unchanged_and_gone_sources():
+    m = _manifest({"/a": "ok", "/b": "quarantined", "/c": "ok", "/g": "ok"})
     d = state.diff(m, [_row("/a"), _row("/b"), _row("/c", mtime="2"), _row("/n")])
     assert ([r["uri"] for r in d.new], [r["uri"] for r in d.changed], d.unchanged, d.gone) == (
         ["/n"], ["/c"], 2, ["/g"])
     # grounding: new queries for an unchanged file redo its sample
     m.sources["/a"]["annotations"] = "h1"
     assert [r["uri"] for r in state.diff(m, [_row("/a", annotations="h2")]).changed] == ["/a"]
+
+
+def test_deferred_sources_are_retried_by_the_next_run_and_quarantined_ones_on_request():
+    m = _manifest({"/ok": "ok", "/q": "quarantined", "/d": "deferred", "/dc": "deferred"})
+    rows = [_row("/ok"), _row("/q"), _row("/d"), _row("/dc", mtime="2")]
+    d = state.diff(m, rows)
+    assert ([r["uri"] for r in d.retry], [r["uri"] for r in d.changed], d.unchanged) == (["/d"], ["/dc"], 2)
+    d = state.diff(m, rows, retry_quarantined=True)
+    assert ([r["uri"] for r in d.retry], d.unchanged) == (["/q", "/d"], 1)
+    # a deferred outcome is recorded as such, counted per run in a row, and is not in the quarantine view
+    gen = shards.Generation(id=2, started="t")
+    state.record_sources(m, gen, None, [(_row("/d"), {"stage": "decode", "reason": "throttled", "error": "503",
+                                                      "deferred": True})])
+    assert (m.sources["/d"]["status"], m.sources["/d"]["deferrals"], gen.deferred, gen.quarantined) == (
+        "deferred", 1, 1, 0)
+    assert [r.uri for r in m.quarantine()] == ["/q"] and [r.uri for r in m.quarantine("deferred")] == ["/d", "/dc"]
+    # a decoder that crashed on the same file in crash_runs runs in a row: the file is the cause, quarantined
+    crash = {"stage": "decode", "reason": "decoder_crash", "error": "killed by SIGSEGV", "deferred": True}
+    for run in (1, 2, 3):
+        state.record_sources(m, gen, None, [(_row("/dc", mtime="2"), crash)], crash_runs=3)
+        assert (m.sources["/dc"]["status"], m.sources["/dc"].get("deferrals")) == (
+            ("deferred", run) if run < 3 else ("quarantined", None))
 
 
 def test_an_output_folder_refuses_a_second_recipe():

@@ -152,6 +152,7 @@ class Generation:
     finished: str = ""
     inputs: int = 0  # sources planned
     quarantined: int = 0
+    deferred: int = 0  # transient failures (the store, the network, a killed decoder): the next run retries them
     samples: int = 0
     shards: int = 0
     bytes: int = 0
@@ -195,8 +196,9 @@ class Manifest:
     format: str = FORMAT
     shards: list[ShardEntry] = field(default_factory=list)
     generations: list[Generation] = field(default_factory=list)
-    # source URI -> {"size", "etag", "mtime", "generation", "status": "ok" | "quarantined", "samples", "shard",
-    #                "annotations" (grounding: hash of the video's queries), "stage", "reason", "error",
+    # source URI -> {"size", "etag", "mtime", "generation", "status": "ok" | "quarantined" | "deferred", "samples",
+    #                "shard", "annotations" (grounding: hash of the video's queries), "stage", "reason", "error",
+    #                "deferrals" (deferred: how many runs in a row),
     #                "lost_clips": [{"clip", "start", "end", "reason", "error"}] (clips lost to damage)}
     sources: dict[str, dict] = field(default_factory=dict)
 
@@ -213,13 +215,13 @@ class Manifest:
         """The generation a killed run left unfinished, if any."""
         return self.generations[-1] if self.generations and not self.generations[-1].finished else None
 
-    def quarantine(self) -> list[QuarantineRecord]:
-        """Every source whose latest attempt was quarantined, in URI order."""
+    def quarantine(self, status: str = "quarantined") -> list[QuarantineRecord]:
+        """Every source whose latest attempt was quarantined (or has another ``status``: "deferred"), in URI order."""
         return [
             QuarantineRecord(uri=uri, stage=s.get("stage", ""), reason=s.get("reason", ""), error=s.get("error", ""),
                              generation=s.get("generation", 0), size=s.get("size", 0), etag=s.get("etag", ""),
                              mtime=s.get("mtime", ""))
-            for uri, s in sorted(self.sources.items()) if s.get("status") == "quarantined"
+            for uri, s in sorted(self.sources.items()) if s.get("status") == status
         ]
 
     def lost_clips(self) -> list[QuarantineRecord]:
