@@ -8,7 +8,8 @@
     python jobs/preprocess.py ... --dry-run               # print the plan, write nothing
     python jobs/preprocess.py ... --fail-on-quarantine    # exit 1 when any input was quarantined
 
-Settings: pipelines/config.py (``--clips.length_s 10``, ``--shards.target_bytes 268435456``, ...); presets in
+Settings: pipelines/config.py (``--clips.length_s 10``, ``--shards.target_bytes 268435456``, caps on what one input
+may cost: ``--limits.max_duration_s 10800``, ``--limits.decoder_memory_gib 1.0``, ...); presets in
 jobs/configs/preprocess_*.yaml. Re-running with the same arguments resumes an interrupted run or, when the input
 has new or changed videos, appends a generation; with nothing new it says so and exits 0.
 Exit codes: 0 done (quarantined inputs included), 1 quarantined inputs with --fail-on-quarantine, 2 bad config.
