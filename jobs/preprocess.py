@@ -9,7 +9,8 @@
     python jobs/preprocess.py ... --fail-on-quarantine    # exit 1 when any input was quarantined
     python jobs/preprocess.py ... --retry-quarantined     # plan quarantined inputs again (a new decoder, say)
 
-Settings: pipelines/config.py (``--clips.length_s 10``, ``--shards.target_bytes 268435456``, ...); presets in
+Settings: pipelines/config.py (``--clips.length_s 10``, ``--shards.target_bytes 268435456``, caps on what one input
+may cost: ``--limits.max_duration_s 10800``, ``--limits.decoder_memory_gib 1.0``, ...); presets in
 jobs/configs/preprocess_*.yaml. Re-running with the same arguments resumes an interrupted run or, when the input
 has new or changed videos, appends a generation; with nothing new it says so and exits 0.
 Exit codes: 0 done (quarantined and deferred inputs included, up to failures.max_failed_share), 1 quarantined

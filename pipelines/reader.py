@@ -196,8 +196,9 @@ class _AudioStream:
         self.frames: list = []  # decoded, not yet taken
         self.resampler: av.AudioResampler | None = None
         self.rate, self.offset = 0, 0.0  # sample rate; presentation time of the track's sample 0 (s)
+        self.channels = 0
         self.start, self.end = 0, 0  # the chunks hold samples [start, end)
-        self.chunks: list[np.ndarray] = []
+        self.chunks: list[np.ndarray] = []  # float32 (channels, n): planar, made mono per clip (one mean, not many)
         self.damaged: list[tuple[int, int, str]] = []  # [first, last) sample ranges decoded from damage, and why
         self.error = ""  # the decoder's last refusal, not yet placed
         self.ended = False
@@ -227,15 +228,15 @@ class _AudioStream:
         if frame is not None and frame.time is not None:
             at = round((float(frame.time) - self.offset) * self.rate)
             if at > self.end:
-                self._append(np.zeros(at - self.end, dtype=np.float32))
+                self._append(np.zeros((self.channels, at - self.end), dtype=np.float32))
         last = self.end + (frame.samples if frame is not None else 1 << 62)
         self.damaged.append((gap, last, self.error))
         self.error = ""
 
-    def _append(self, mono: np.ndarray) -> None:
-        self.chunks.append(mono)
-        self.end += len(mono)
-        held = 2 * 4 * (self.end - self.start)  # float32, and the clip's copy
+    def _append(self, planar: np.ndarray) -> None:
+        self.chunks.append(planar)
+        self.end += planar.shape[1]
+        held = 4 * (2 * self.channels + 1) * (self.end - self.start)  # the chunks, joined, and a clip's mono
         if held > self.budget:
             raise _too_large(f"holding {(self.end - self.start) / self.rate:.0f} s of audio for one clip", held,
                              self.budget)
@@ -251,10 +252,10 @@ class _AudioStream:
             if self.resampler is None:
                 self.offset = float(frame.time) if frame.time is not None else 0.0
                 self.resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=frame.sample_rate)
-                self.rate = frame.sample_rate
+                self.rate, self.channels = frame.sample_rate, len(frame.layout.channels)
             out = self.resampler.resample(frame)
         for f in out:
-            self._append(f.to_ndarray().mean(axis=0, dtype=np.float32))  # per sample: as a whole-track mean
+            self._append(f.to_ndarray())
 
     def samples(self, first: int, last: int) -> tuple[np.ndarray, str]:
         """Samples [first, last) of the track (fewer where it ends), and why they are damaged ("" if they are
@@ -263,16 +264,17 @@ class _AudioStream:
         self._drop_before(first)
         while not self.ended and self.end < last:
             self._pull()
-        held = np.concatenate(self.chunks) if self.chunks else np.zeros(0, dtype=np.float32)
+        held = np.concatenate(self.chunks, axis=1) if self.chunks else np.zeros((self.channels, 0), np.float32)
         self.chunks = [held] if len(self.chunks) > 1 else self.chunks
         damage = next((why for a, b, why in self.damaged if a < last and b > first), "")
-        return held[max(0, first - self.start) : max(0, last - self.start)].copy(), damage
+        clip = held[:, max(0, first - self.start) : max(0, last - self.start)]
+        return clip.mean(axis=0, dtype=np.float32), damage  # per sample: the same as a whole-track mean
 
     def _drop_before(self, first: int) -> None:
-        while self.chunks and self.start + len(self.chunks[0]) <= first:
-            self.start += len(self.chunks.pop(0))
+        while self.chunks and self.start + self.chunks[0].shape[1] <= first:
+            self.start += self.chunks.pop(0).shape[1]
         if self.chunks and self.start < first:
-            self.chunks[0] = self.chunks[0][first - self.start :].copy()
+            self.chunks[0] = self.chunks[0][:, first - self.start :].copy()
             self.start = first
 
     def close(self) -> None:
