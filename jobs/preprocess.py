@@ -11,7 +11,9 @@
 Settings: pipelines/config.py (``--clips.length_s 10``, ``--shards.target_bytes 268435456``, ...); presets in
 jobs/configs/preprocess_*.yaml. Re-running with the same arguments resumes an interrupted run or, when the input
 has new or changed videos, appends a generation; with nothing new it says so and exits 0.
-Exit codes: 0 done (quarantined inputs included), 1 quarantined inputs with --fail-on-quarantine, 2 bad config.
+Exit codes: 0 done (quarantined inputs included), 1 quarantined inputs with --fail-on-quarantine, 2 bad config,
+3 another run holds the output folder's lease (nothing was done; the message names it and when its lease expires),
+4 this run lost the folder mid-run (its lease lapsed, or another writer committed): what it committed stays, rerun.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from pipelines import writer
 from pipelines.config import PreprocessConfig
 from pipelines.preprocess import run as run_preprocess
 from pipelines.sources import InputNotFound
-from pipelines.state import RecipeMismatch
+from pipelines.lease import LeaseHeld, LeaseLost
+from pipelines.state import ManifestConflict, RecipeMismatch
 
 log = logging.getLogger("preprocess")
 # The issue's spelling of the two switches; the config parser knows them as booleans.
+EXIT_HELD, EXIT_LOST = 3, 4
 FLAGS = {"--dry-run": "--dry_run=true", "--fail-on-quarantine": "--fail_on_quarantine=true"}
 
 
@@ -38,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         result = run_preprocess(cfg)
     except (RecipeMismatch, InputNotFound) as e:
         raise ConfigError(f"preprocess: {e}") from e
+    except LeaseHeld as e:
+        log.error("%s", e)
+        return EXIT_HELD
+    except (LeaseLost, ManifestConflict) as e:
+        log.error("%s", e)
+        return EXIT_LOST
     if result.plan_text:
         print(result.plan_text, flush=True)
     else:  # the resolved config beside the shards, secrets masked (through the job's storage options)

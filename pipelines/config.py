@@ -152,6 +152,24 @@ class ResourceConfig:
 
 
 @dataclass
+class LeaseConfig:
+    """One writer per output folder (``pipelines/lease.py``): a run holds ``<output>/_lease.json`` while it works and
+    rewrites it every ``renew_s``; a run that dies stops renewing, and its lease expires ``ttl_s`` after the last
+    renewal, after which the next run takes the folder over and resumes. A shorter TTL frees a crashed run's folder
+    sooner; it must leave room for a few renewals that fail or are slow (S3 throttling, a busy driver)."""
+
+    ttl_s: float = 300.0
+    renew_s: float = 60.0
+
+    def __post_init__(self):
+        if self.ttl_s < 2:
+            raise ValueError(f"lease.ttl_s={self.ttl_s}: must be at least 2 s")
+        if not 0 < self.renew_s <= self.ttl_s / 3:
+            raise ValueError(f"lease.renew_s={self.renew_s}: must be in (0, lease.ttl_s / 3 = {self.ttl_s / 3:g}] "
+                             "s, so that two failed renewals in a row still leave the lease valid")
+
+
+@dataclass
 class PreprocessConfig:
     """``python jobs/preprocess.py --input URL --output URL --mode {pretrain,grounding}``."""
 
@@ -165,6 +183,7 @@ class PreprocessConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     shards: ShardConfig = field(default_factory=ShardConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
     dry_run: bool = False
     fail_on_quarantine: bool = False
     progress: bool = True  # Ray Data's progress bars

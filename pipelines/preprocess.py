@@ -3,6 +3,7 @@
     run(cfg) -> Result         what jobs/preprocess.py calls (``python jobs/preprocess.py --input ... --output ...``)
 
 Driver, in order:
+    0. take the output folder's lease (``lease``: one writer per folder; another run's live lease ends this one)
     1. list the input, load manifest.json, and plan: resume the unfinished generation, or plan a new one with the
        new and changed sources (nothing new: say so and stop); ``--dry-run`` stops here
     2. rewrite older shards that hold samples of changed sources (``state`` explains why)
@@ -32,6 +33,7 @@ import ray
 from pipelines import annotations as ann
 from pipelines import state, writer
 from pipelines.config import PreprocessConfig, ResourceConfig
+from pipelines.lease import Lease
 from pipelines.sources import list_sources
 from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
 from pipelines.stats import RunStats
@@ -192,7 +194,9 @@ class Job:
 
     def __init__(self, cfg: PreprocessConfig):
         self.cfg = cfg
-        self.out = state.Output(cfg.output, cfg.storage.options(cfg.output))
+        options = cfg.storage.options(cfg.output)
+        self.lease = Lease(cfg.output, options, cfg.lease)
+        self.out = state.Output(cfg.output, options, lease=None if cfg.dry_run else self.lease)
         self.recipe = cfg.recipe()
         self.recipe_hash = shards.recipe_hash(self.recipe)
         self.started_ray = False
@@ -214,6 +218,15 @@ class Job:
         return state.plan_rows(annotated, matched)
 
     def run(self) -> Result:
+        """Take the output folder's lease first (``LeaseHeld``: another run is writing there, and this one does
+        nothing), then plan and execute; the lease is released when the run ends. A dry run writes nothing and
+        takes no lease."""
+        if self.cfg.dry_run:
+            return self.plan_and_execute()
+        with self.lease:
+            return self.plan_and_execute()
+
+    def plan_and_execute(self) -> Result:
         cfg, t0 = self.cfg, time.perf_counter()
         manifest = self.out.load()
         if manifest is not None:
@@ -334,7 +347,8 @@ class Job:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
         settings = StageSettings(mode=cfg.mode, clips=cfg.clips, grounding=cfg.grounding, audio=cfg.audio,
-                                 storage=cfg.storage, recipe_hash=self.recipe_hash, work_url=out.work_url(gen.id),
+                                 storage=cfg.storage, recipe_hash=self.recipe_hash,
+                                 work_url=f"{out.work_url(gen.id)}/run-{self.lease.run_id}",
                                  decode_timeout_s=cfg.resources.decode_timeout_s,
                                  clips_per_row=cfg.resources.clips_per_row, scratch_dir=cfg.resources.scratch_dir)
         rows = [initial_row(r, i, self.read_urls.get(r["uri"], "")) for i, r in enumerate(todo)]

@@ -69,6 +69,17 @@ def publish(url: str, data: bytes, storage_options: dict) -> None:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         fs.pipe_file(path, data)  # one PUT (or a multipart upload completed at once): never half an object
         return
+    tmp = local_temporary(url, data)
+    try:
+        os.replace(tmp, url)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def local_temporary(url: str, data: bytes) -> str:
+    """Write ``data`` durably to a hidden temporary beside the local path ``url``; returns the temporary's path, for
+    the caller to rename (or link) to ``url`` and to remove."""
     folder, name = os.path.split(url)
     os.makedirs(folder or ".", exist_ok=True)
     tmp = os.path.join(folder, f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
@@ -77,10 +88,11 @@ def publish(url: str, data: bytes, storage_options: dict) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, url)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+    return tmp
 
 
 def publish_text(url: str, text: str, storage_options: dict) -> None:

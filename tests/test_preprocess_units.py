@@ -55,6 +55,9 @@ def test_frame_instants_and_indices_follow_presentation_times():
     (["--clips.min_length_s", "0.01"], ["clips.min_length_s"]),
     (["--audio.missing", "ignore"], ["audio.missing", "quarantine", "silent"]),
     (["--shards.target_bytes", "10"], ["shards.target_bytes"]),
+    (["--lease.ttl_s", "1"], ["lease.ttl_s"]),
+    (["--lease.ttl_s", "30", "--lease.renew_s", "20"], ["lease.renew_s", "lease.ttl_s / 3 = 10"]),
+    (["--lease.renew_s", "0"], ["lease.renew_s"]),
 ])
 def test_bad_settings_fail_before_any_work_naming_the_setting(argv, names, tmp_path):
     with pytest.raises(ConfigError) as err:
