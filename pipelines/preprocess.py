@@ -9,12 +9,15 @@ Driver, in order:
     2. rewrite older shards that hold samples of changed sources (``state`` explains why)
     3. stream the plan through the Ray Data graph (``stages``): probe -> decode -> resize -> log-mel -> encode ->
        write, one small result row per segment back to the driver
-    4. as sources finish, pack them in plan order into shards of about ``shards.target_bytes``; a driver
-       thread concatenates a shard's spooled parts, and the driver commits shards in order (manifest.json rewritten)
+    4. as sources finish, pack them in plan order into shards of about ``shards.target_bytes``; a Ray task
+       concatenates a shard's spooled parts, and the driver commits shards in order (manifest.json rewritten)
     5. close the generation, write stats.json, delete the work folder, return the summary
 
-Results carry only metadata (a few hundred bytes per segment); sample bytes go from the decode actors to part files
-in the work folder and are streamed once, part after part, into the shard file by the assembler threads.
+The driver holds metadata only. Results carry a few hundred bytes per segment; sample bytes go from the decode
+actors to part files in the work folder, and from there, streamed once part after part, into the shard file by an
+``assemble_shard`` task (rewrites of older shards too), which returns the shard's size, sha256 and keys. On an
+object store that is two transfers per shard byte, both on the workers' links: the driver's link never caps the job
+(``benchmarks/preprocess.py`` measures what the driver process reads and writes per GB of shards).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import math
 import os
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import ray
@@ -88,6 +91,12 @@ def build_dataset(rows: list[dict], settings: StageSettings, res: ResourceConfig
     return ds.flat_map(decode_stage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.decode_cpus,
                        memory=int(res.decode_memory_gib * GiB),
                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, initial_size=decoders))
+
+
+# Concatenating parts into a shard is I/O: it reserves no CPU, so it runs beside decoders that hold every core.
+# Idempotent (the shard is published whole under its fixed name), so a task lost with its worker is retried.
+assemble_shard = ray.remote(num_cpus=0, max_retries=2)(writer.concatenate)
+SHARD_STOP_S = 60.0  # after a failure: how long the driver waits for the assemblies it started to stop
 
 
 # ------------------------------------------------------------------------------------------------------- packing
@@ -330,7 +339,8 @@ class Job:
             if old not in listed:
                 continue  # done by an earlier attempt
             name = shards.shard_name(gen.id, i)
-            res = writer.concatenate([self.out.path(old)], self.out.path(name), self.out.options, prefixes)
+            res = ray.get(assemble_shard.remote([self.out.path(old)], self.out.path(name), self.out.options,
+                                                prefixes))
             new = (shards.ShardEntry(name=name, samples=len(res["keys"]), bytes=res["bytes"], generation=gen.id,
                                      sha256=res["sha256"]) if res["keys"] else None)
             if new is None:
@@ -354,13 +364,14 @@ class Job:
         rows = [initial_row(r, i, self.read_urls.get(r["uri"], "")) for i, r in enumerate(todo)]
         reasons: Counter = Counter()
 
-        # Concatenating a shard's parts is I/O: a driver thread does it while results keep coming (a Ray task
-        # would first start a worker process, seconds on a small machine, for a copy that takes milliseconds).
-        assembler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="assemble")
+        # Shards are assembled by Ray tasks while results keep coming: the bytes never pass through the driver. The
+        # first task starts a worker process (about a second), overlapped with decoding unless the run is one shard.
+        assembling: list[ray.ObjectRef] = []
 
         def start_shard(shard: _Shard) -> Future:
             url = out.path(shards.shard_name(gen.id, shard.index))
-            return assembler.submit(writer.concatenate, shard.part_urls, url, out.options)
+            assembling.append(assemble_shard.remote(shard.part_urls, url, out.options))
+            return assembling[-1].future()
 
         def commit(shard: _Shard, written: dict | None) -> None:
             entry = None
@@ -397,12 +408,23 @@ class Job:
                     if result["seg"] == 0:
                         stats.video_seconds += summary["duration"]
             packer.finish()
-        finally:
-            assembler.shutdown(wait=True)
+        except BaseException:
+            stop_all(assembling)  # nothing of this run writes shards after it has failed
+            raise
         log.debug("Ray Data stage times:\n%s", dataset.stats())
         log.info("seconds per stage, summed over workers: %s",
                  ", ".join(f"{k} {v:.1f}" for k, v in sorted(stats.stage_seconds.items(), key=lambda kv: -kv[1])))
         stats.quarantined = reasons
+
+
+def stop_all(tasks: list[ray.ObjectRef]) -> None:
+    """Cancel the tasks still running and wait (at most ``SHARD_STOP_S``) until every one has ended."""
+    _, running = ray.wait(tasks, num_returns=len(tasks), timeout=0)
+    for ref in running:
+        ray.cancel(ref)
+    _, left = ray.wait(running, num_returns=len(running), timeout=SHARD_STOP_S)
+    if left:
+        log.warning("%d shard assembly task(s) did not stop within %g s", len(left), SHARD_STOP_S)
 
 
 def run(cfg: PreprocessConfig) -> Result:

@@ -1,10 +1,11 @@
 """Shard writing: deterministic tar bytes, atomic publication on local folders and object stores, shard assembly.
 
 Two kinds of tar are written:
-    parts    ``_work/gen-GGGGGG/<source id>-<segment>.tar``: the samples of one decoded segment, written by the
-             pipeline's last stage as soon as the segment is encoded (so workers, not the driver, move the bytes)
-    shards   ``shard-GGGGGG-NNNNN.tar``: the parts of consecutive sources in plan order, concatenated by the driver
-             once every source in the shard is done; the driver then lists it in manifest.json
+    parts    ``_work/gen-GGGGGG/run-<run id>/<source id>-<segment>.tar``: the samples of one decoded segment,
+             written by the pipeline's last stage as soon as the segment is encoded (so workers, not the driver,
+             move the bytes)
+    shards   ``shard-GGGGGG-NNNNN.tar``: the parts of consecutive sources in plan order, concatenated by a Ray task
+             (``concatenate``) once every source in the shard is done; the driver then lists it in manifest.json
 
 Both appear under their final name only when complete: a local file is written to a hidden temporary name in the
 same folder and renamed (``os.replace`` is atomic on POSIX); an object store object becomes visible only when its

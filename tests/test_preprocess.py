@@ -245,6 +245,25 @@ def test_killed_with_sigkill_and_restarted_gives_exactly_the_clean_samples(clean
     assert outcome(manifest) == outcome(shards.load_manifest(str(clean_run[0])))
 
 
+def driver_io() -> dict[str, int]:
+    """Bytes this process has read and written through system calls (files, pipes, sockets): Linux /proc/self/io."""
+    counters = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {k: int(counters[k]) for k in ("rchar", "wchar")}
+
+
+def test_shard_bytes_go_from_the_workers_to_the_store_without_passing_through_the_driver(clean_run, inputs,
+                                                                                           tmp_path):
+    """This test process is the job's driver: what it reads and writes during a run is far below the shards' bytes
+    (assembling shards in the driver read every part and wrote every shard: at least twice their size)."""
+    out = tmp_path / "shards"
+    before = driver_io()
+    assert main([*TINY, "--input", str(inputs), "--output", str(out)]) == 0
+    moved = {k: v - before[k] for k, v in driver_io().items()}
+    shard_bytes = sum(s.bytes for s in shards.load_manifest(str(out)).shards)
+    assert shard_bytes == sum(s.bytes for s in shards.load_manifest(str(clean_run[0])).shards) > 1_000_000
+    assert moved["wchar"] < 0.2 * shard_bytes and moved["rchar"] < 0.5 * shard_bytes, (moved, shard_bytes)
+
+
 def test_grounding_mode_stores_48_frames_once_per_video_with_all_its_queries(ray_cluster, synthetic_corpus, tmp_path):
     out = tmp_path / "grounding"
     annotations = [str(synthetic_corpus.annotation_file(s)) for s in ("train", "test")]
