@@ -27,7 +27,8 @@ Recipe everywhere: 10 s clips every 10 s, 8 frames per clip at the segment centr
                          were injected and how many operations our layer retried (botocore's own retries of a
                          request are not counted there: most faults are absorbed by them)
 Prints videos/s, seconds of video per second, peak memory (summed RSS of the process tree, shared pages counted
-per process) and the ratios; then where the job's time goes (seconds per stage, summed over workers).
+per process) and the ratios; what the job's driver process read and wrote (``/proc/self/io``: every system call,
+files, pipes and sockets) per GB of shards; then where the job's time goes (seconds per stage, summed over workers).
 """
 
 from __future__ import annotations
@@ -174,18 +175,34 @@ def timed_job(corpus: Path, out: Path, workers: int) -> tuple[float, float, floa
     start = time.perf_counter()
     ray.init(num_cpus=workers, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False)
     ray_up = time.perf_counter() - start
-    start = time.perf_counter()
+    start, io_before = time.perf_counter(), driver_io()
     code = main(["--config", "preprocess_pretrain", "--input", str(corpus / "pretrain"), "--output", str(out),
                  "--progress", "false"])
-    wall = time.perf_counter() - start
+    wall, io_after = time.perf_counter() - start, driver_io()
     peak = monitor.stop()
     if code != 0:
         ray.shutdown()
         raise SystemExit(f"the job failed with exit code {code}")
     stats = json.loads((out / "stats.json").read_text())["last_run"]
+    stats["driver_io"] = {k: io_after[k] - io_before[k] for k in io_after}
+    # The same job again into a fresh folder: the driver's modules are loaded and Ray's workers are up, so what it
+    # moves now is what the job moves, not first-use imports.
+    again = out.with_name(out.name + "-again")
+    shutil.rmtree(again, ignore_errors=True)
+    io_before = driver_io()
+    main(["--config", "preprocess_pretrain", "--input", str(corpus / "pretrain"), "--output", str(again),
+          "--progress", "false"])
+    stats["driver_io_again"] = {k: v - io_before[k] for k, v in driver_io().items()}
     stats["ray_data_alone"] = timed_ray_data_alone(stats["inputs"])
     ray.shutdown()
     return ray_up, wall, peak, stats
+
+
+def driver_io() -> dict[str, int]:
+    """This process's I/O counters (Linux /proc/self/io): ``rchar``/``wchar`` count every byte read or written
+    through a system call (files, pipes and sockets: what the driver moves, Ray's own traffic included)."""
+    counters = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {k: int(counters[k]) for k in ("rchar", "wchar")}
 
 
 class _PassProbe:
@@ -338,6 +355,11 @@ def main() -> None:
           "log-mel and encoding add to decoding)")
     print(f"(c) - (d) / floor: {(job_wall - alone['wall_s']) / floor_w:.2f}x: the job's time beyond what Ray Data "
           "alone takes for the same graph")
+    for label, io in (("the job", stats["driver_io"]), ("the same job again, warm", stats["driver_io_again"])):
+        per_gb = {k: v / 1e6 / max(stats["bytes"] / 1e9, 1e-9) for k, v in io.items()}
+        print(f"driver I/O during {label}: {io['rchar'] / 1e6:.2f} MB read, {io['wchar'] / 1e6:.2f} MB written "
+              f"(all system calls: files, pipes, sockets) for {stats['bytes'] / 1e6:.1f} MB of shards: "
+              f"{per_gb['rchar']:.0f} MB read and {per_gb['wchar']:.0f} MB written per GB of shards")
     print(f"\nwhere the job's time goes: Ray start-up {ray_up:.1f} s; in the job, {stats['startup_s']:.1f} s listing "
           f"and plan, first result after {stats['first_result_s']:.1f} s (actor start-up; Ray Data alone takes "
           f"{alone['first_result_s']:.1f} s to its first row), then per stage (seconds summed over workers):")

@@ -10,8 +10,13 @@ The id is ``preprocess-<yyyymmddHHMM of the slot, UTC>``. On Kubernetes it is th
 submission id: the API server refuses a second RayJob of that name (HTTP 409). On a Ray cluster it is the
 submission id, which Ray refuses to reuse (``Job with submission_id ... already exists``). Either refusal means
 "this slot was already submitted" and ends the run with status 0, so retries of the cron pod are harmless.
-A slot whose previous run is still going is skipped (like a CronJob's ``concurrencyPolicy: Forbid``): the
-preprocessing job is incremental, so the next slot picks up whatever this one would have.
+
+Overlapping runs are not this module's concern: a slot is submitted even while an earlier slot's job still runs,
+and the job itself refuses to start (exit 4, "being written by run ...") while another run holds the output
+folder's lease (``pipelines/lease.py``, taken with a conditional create in the store). Listing running jobs and
+then submitting was racy (two slots, or a manual run, could both see none), and it missed runs started by other
+means; the lease covers every writer. The preprocessing job is incremental, so the next slot picks up whatever a
+refused one would have done.
 
 The slot of a Kubernetes run is read from the name of the Job the CronJob created: the CronJob controller names it
 ``<cronjob>-<scheduled time in minutes since the epoch>``, and the pod sees it in its ``batch.kubernetes.io/job-name``
@@ -40,9 +45,6 @@ log = logging.getLogger("schedule")
 PREFIX = "preprocess"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 SLOT_ANNOTATION = "tvlt.io/schedule-slot"
-# RayJob status.jobDeploymentStatus of a RayJob still at work ("" = not yet seen by the operator). Failed,
-# ValidationFailed and Suspended ones do not hold up later slots; activeDeadlineSeconds ends a stuck one.
-RAYJOB_ACTIVE = {"", "Initializing", "Running", "Retrying", "Waiting", "Suspending"}
 RAY_JOB_DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -115,14 +117,6 @@ class InCluster:
             raise RuntimeError(f"reading pod {pod}: HTTP {status} {body.get('message', '')}")
         return next(c["image"] for c in body["spec"]["containers"] if c["name"] == container)
 
-    def running_rayjobs(self, component: str) -> list[str]:
-        path = f"/apis/ray.io/v1/namespaces/{self.namespace}/rayjobs?labelSelector={COMPONENT_LABEL}%3D{component}"
-        status, body = self.request("GET", path)
-        if status != 200:
-            raise RuntimeError(f"listing RayJobs: HTTP {status} {body.get('message', '')}")
-        return [item["metadata"]["name"] for item in body.get("items", [])
-                if item.get("status", {}).get("jobDeploymentStatus", "") in RAYJOB_ACTIVE]
-
     def create_rayjob(self, rayjob: dict) -> bool:
         """True when created, False when a RayJob of that name exists (this slot was submitted already)."""
         status, body = self.request("POST", f"/apis/ray.io/v1/namespaces/{self.namespace}/rayjobs", rayjob)
@@ -145,11 +139,6 @@ def create_slot_rayjob(args: argparse.Namespace) -> int:
     image = api.own_image(os.environ["POD_NAME"], args.container)
     rayjob = render_rayjob(yaml.safe_load(Path(args.template).read_text()), slot, image)
     name = rayjob["metadata"]["name"]
-    running = [n for n in api.running_rayjobs(PREFIX) if n != name]
-    if running and not args.allow_overlap:
-        log.warning("slot %s skipped: %s still running (the next slot picks up what this one would have)",
-                    name, ", ".join(running))
-        return 0
     if api.create_rayjob(rayjob):
         log.info("created RayJob %s (image %s)", name, image)
     else:
@@ -158,19 +147,13 @@ def create_slot_rayjob(args: argparse.Namespace) -> int:
 
 
 # --- any Ray cluster: submit the slot's job -------------------------------------------------------------------------
-def submit_slot(client, entrypoint: str, slot: datetime, *, working_dir: str | None = ".",
-                allow_overlap: bool = False) -> tuple[str, bool]:
+def submit_slot(client, entrypoint: str, slot: datetime, *,
+                working_dir: str | None = ".") -> tuple[str, bool]:
     """Submit ``entrypoint`` as the slot's Ray job; returns (submission id, whether this call submitted it).
 
-    ``client`` is a ``ray.job_submission.JobSubmissionClient``. Not submitted: the slot's id exists already, or
-    (unless ``allow_overlap``) an earlier slot's job is still running."""
+    ``client`` is a ``ray.job_submission.JobSubmissionClient``. Not submitted: the slot's id exists already. An
+    earlier slot's job still running is no reason to skip: the job's lease on its output folder decides."""
     sid = submission_id(slot)
-    running = [j.submission_id for j in client.list_jobs()
-               if (j.submission_id or "").startswith(PREFIX + "-") and j.submission_id != sid
-               and str(j.status) not in RAY_JOB_DONE]
-    if running and not allow_overlap:
-        log.warning("slot %s skipped: %s still running", sid, ", ".join(running))
-        return sid, False
     runtime_env = {"working_dir": working_dir} if working_dir else None
     try:
         client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
@@ -205,8 +188,7 @@ def submit_from_cron(args: argparse.Namespace) -> int:
     else:
         slot = floor_slot(datetime.now(UTC), args.every)
     client = JobSubmissionClient(args.address)
-    sid, submitted = submit_slot(client, " ".join(args.entrypoint), slot, working_dir=args.working_dir,
-                                 allow_overlap=args.allow_overlap)
+    sid, submitted = submit_slot(client, " ".join(args.entrypoint), slot, working_dir=args.working_dir)
     if not (submitted and args.wait):
         return 0
     status = wait_for(client, sid, args.timeout)
@@ -221,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     k8s.add_argument("--template", required=True, help="RayJob YAML (metadata.name and spec.jobId are set here)")
     k8s.add_argument("--cronjob", default=PREFIX, help="name of the CronJob that created this pod's Job")
     k8s.add_argument("--container", default="scheduler", help="this pod's container whose image the RayJob runs")
-    k8s.add_argument("--allow-overlap", action="store_true", help="run even while an earlier slot still runs")
     ray = sub.add_parser("submit", help="from cron: submit the slot's job to a Ray cluster")
     ray.add_argument("--every", type=int, default=60, help="schedule period in minutes (the slot is now, floored)")
     ray.add_argument("--slot", help="ISO time of the slot instead of now, UTC unless it has an offset")
@@ -229,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     ray.add_argument("--working-dir", default=".", help="code shipped with the job ('' for the image's /app)")
     ray.add_argument("--wait", action="store_true", help="wait for the job; exit 1 unless it succeeds")
     ray.add_argument("--timeout", type=float, default=6 * 3600, help="seconds --wait waits")
-    ray.add_argument("--allow-overlap", action="store_true", help="run even while an earlier slot still runs")
     ray.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- the job's command")
     args = parser.parse_args(argv)
     if getattr(args, "entrypoint", None) and args.entrypoint[0] == "--":

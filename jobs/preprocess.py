@@ -15,7 +15,9 @@ jobs/configs/preprocess_*.yaml. Re-running with the same arguments resumes an in
 has new or changed videos, appends a generation; with nothing new it says so and exits 0.
 Exit codes: 0 done (quarantined and deferred inputs included, up to failures.max_failed_share), 1 quarantined
 inputs with --fail-on-quarantine, 2 bad config, 3 the run failed: more than failures.max_failed_share of its inputs
-were deferred or quarantined, or the store failed listing or a commit after every retry (the next run resumes).
+were deferred or quarantined, or the store failed listing or a commit after every retry (the next run resumes),
+4 another run holds the output folder's lease (nothing was done; the message names it and when its lease expires),
+5 this run lost the folder mid-run (its lease lapsed, or another writer committed): what it committed stays, rerun.
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ from jobs.cli import run
 from jobs.config import RESOLVED_NAME, ConfigError, dump, parse
 from pipelines import writer
 from pipelines.config import PreprocessConfig
+from pipelines.lease import LeaseHeld, LeaseLost
 from pipelines.preprocess import StoreUnavailable
 from pipelines.preprocess import run as run_preprocess
 from pipelines.sources import InputNotFound
-from pipelines.state import RecipeMismatch
+from pipelines.state import ManifestConflict, RecipeMismatch
 
 log = logging.getLogger("preprocess")
 # The issue's spelling of the two switches; the config parser knows them as booleans.
 FLAGS = {"--dry-run": "--dry_run=true", "--fail-on-quarantine": "--fail_on_quarantine=true",
          "--retry-quarantined": "--retry_quarantined=true"}
-RUN_FAILED = 3
+RUN_FAILED, EXIT_HELD, EXIT_LOST = 3, 4, 5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except StoreUnavailable as e:
         log.error("preprocess failed: %s", e)
         return RUN_FAILED
+    except LeaseHeld as e:
+        log.error("%s", e)
+        return EXIT_HELD
+    except (LeaseLost, ManifestConflict) as e:
+        log.error("%s", e)
+        return EXIT_LOST
     if result.plan_text:
         print(result.plan_text, flush=True)
     else:  # the resolved config beside the shards, secrets masked (through the job's storage options)

@@ -235,6 +235,24 @@ class FailureConfig:
 
 
 @dataclass
+class LeaseConfig:
+    """One writer per output folder (``pipelines/lease.py``): a run holds ``<output>/_lease.json`` while it works and
+    rewrites it every ``renew_s``; a run that dies stops renewing, and its lease expires ``ttl_s`` after the last
+    renewal, after which the next run takes the folder over and resumes. A shorter TTL frees a crashed run's folder
+    sooner; it must leave room for a few renewals that fail or are slow (S3 throttling, a busy driver)."""
+
+    ttl_s: float = 300.0
+    renew_s: float = 60.0
+
+    def __post_init__(self):
+        if self.ttl_s < 2:
+            raise ValueError(f"lease.ttl_s={self.ttl_s}: must be at least 2 s")
+        if not 0 < self.renew_s <= self.ttl_s / 3:
+            raise ValueError(f"lease.renew_s={self.renew_s}: must be in (0, lease.ttl_s / 3 = {self.ttl_s / 3:g}] "
+                             "s, so that two failed renewals in a row still leave the lease valid")
+
+
+@dataclass
 class PreprocessConfig:
     """``python jobs/preprocess.py --input URL --output URL --mode {pretrain,grounding}``."""
 
@@ -250,6 +268,7 @@ class PreprocessConfig:
     limits: LimitConfig = field(default_factory=LimitConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     failures: FailureConfig = field(default_factory=FailureConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
     dry_run: bool = False
     fail_on_quarantine: bool = False
     retry_quarantined: bool = False  # plan the quarantined sources again (after a decoder upgrade, say)

@@ -3,17 +3,21 @@
     run(cfg) -> Result         what jobs/preprocess.py calls (``python jobs/preprocess.py --input ... --output ...``)
 
 Driver, in order:
+    0. take the output folder's lease (``lease``: one writer per folder; another run's live lease ends this one)
     1. list the input, load manifest.json, and plan: resume the unfinished generation, or plan a new one with the
        new and changed sources (nothing new: say so and stop); ``--dry-run`` stops here
     2. rewrite older shards that hold samples of changed sources (``state`` explains why)
     3. stream the plan through the Ray Data graph (``stages``): probe -> decode -> resize -> log-mel -> encode ->
        write, one small result row per segment back to the driver
-    4. as sources finish, pack them in plan order into shards of about ``shards.target_bytes``; a driver
-       thread concatenates a shard's spooled parts, and the driver commits shards in order (manifest.json rewritten)
+    4. as sources finish, pack them in plan order into shards of about ``shards.target_bytes``; a Ray task
+       concatenates a shard's spooled parts, and the driver commits shards in order (manifest.json rewritten)
     5. close the generation, write stats.json, delete the work folder, return the summary
 
-Results carry only metadata (a few hundred bytes per segment); sample bytes go from the decode actors to part files
-in the work folder and are streamed once, part after part, into the shard file by the assembler threads.
+The driver holds metadata only. Results carry a few hundred bytes per segment; sample bytes go from the decode
+actors to part files in the work folder, and from there, streamed once part after part, into the shard file by an
+``assemble_shard`` task (rewrites of older shards too), which returns the shard's size, sha256 and keys. On an
+object store that is two transfers per shard byte, both on the workers' links: the driver's link never caps the job
+(``benchmarks/preprocess.py`` measures what the driver process reads and writes per GB of shards).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import math
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import ray
@@ -31,7 +35,8 @@ import ray
 from pipelines import annotations as ann
 from pipelines import state, writer
 from pipelines.config import PreprocessConfig, ResourceConfig
-from pipelines.failures import Retries, retrying, transient_reason
+from pipelines.failures import Retries, RetryPolicy, retrying, transient_reason
+from pipelines.lease import Lease
 from pipelines.sources import list_sources
 from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
 from pipelines.stats import RunStats
@@ -105,6 +110,21 @@ def build_dataset(rows: list[dict], settings: StageSettings, res: ResourceConfig
     return ds.flat_map(decode_stage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.decode_cpus,
                        memory=int(res.decode_memory_gib * GiB),
                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, initial_size=decoders))
+
+
+# Concatenating parts into a shard is I/O: it reserves no CPU, so it runs beside decoders that hold every core.
+# Idempotent (the shard is published whole under its fixed name), so a task lost with its worker is retried by Ray,
+# and a transient store failure inside it by ``policy``.
+@ray.remote(num_cpus=0, max_retries=2)
+def assemble_shard(part_urls: list[str], shard_url: str, storage_options: dict, drop_prefixes: tuple[str, ...],
+                   policy: RetryPolicy) -> dict:
+    """``writer.concatenate`` in a Ray task, so the shard's bytes never pass through the driver; its result with
+    ``retries``, the transient failures retried on the way."""
+    counter = Retries()
+    written = retrying(lambda: writer.concatenate(part_urls, shard_url, storage_options, drop_prefixes), policy,
+                       f"writing {shard_url}", counter)
+    return {**written, "retries": counter.count}
+SHARD_STOP_S = 60.0  # after a failure: how long the driver waits for the assemblies it started to stop
 
 
 # ------------------------------------------------------------------------------------------------------- packing
@@ -217,7 +237,9 @@ class Job:
 
     def __init__(self, cfg: PreprocessConfig):
         self.cfg = cfg
-        self.out = state.Output(cfg.output, cfg.storage.options(cfg.output))
+        options = cfg.storage.options(cfg.output)
+        self.lease = Lease(cfg.output, options, cfg.lease)
+        self.out = state.Output(cfg.output, options, lease=None if cfg.dry_run else self.lease)
         self.recipe = cfg.recipe()
         self.recipe_hash = shards.recipe_hash(self.recipe)
         self.started_ray = False
@@ -244,8 +266,14 @@ class Job:
         return state.plan_rows(annotated, matched)
 
     def run(self) -> Result:
+        """Take the output folder's lease first (``LeaseHeld``: another run is writing there, and this one does
+        nothing), then plan and execute; the lease is released when the run ends. A dry run writes nothing and
+        takes no lease. A store that still fails after every retry stops the run (``StoreUnavailable``)."""
         try:
-            return self._run()
+            if self.cfg.dry_run:
+                return self.plan_and_execute()
+            with self.lease:
+                return self.plan_and_execute()
         except Exception as e:
             reason = transient_reason(e)
             if not reason:
@@ -254,7 +282,7 @@ class Job:
                 f"the store failed after {self.cfg.failures.attempts} attempt(s) ({reason}: {e}); nothing "
                 "committed is lost, the next run resumes")) from e
 
-    def _run(self) -> Result:
+    def plan_and_execute(self) -> Result:
         cfg, t0 = self.cfg, time.perf_counter()
         manifest = self.store(self.out.load, "loading the manifest")
         if manifest is not None:
@@ -361,8 +389,9 @@ class Job:
             if old not in listed:
                 continue  # done by an earlier attempt
             name = shards.shard_name(gen.id, i)
-            res = self.store(lambda: writer.concatenate([self.out.path(old)], self.out.path(name), self.out.options,
-                                                         prefixes), f"rewriting {old}")
+            res = ray.get(assemble_shard.remote([self.out.path(old)], self.out.path(name), self.out.options,
+                                                prefixes, cfg.failures.policy()))
+            self.retries.count += res.pop("retries")
             new = (shards.ShardEntry(name=name, samples=len(res["keys"]), bytes=res["bytes"], generation=gen.id,
                                      sha256=res["sha256"]) if res["keys"] else None)
             if new is None:
@@ -379,7 +408,8 @@ class Job:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
         settings = StageSettings(mode=cfg.mode, clips=cfg.clips, grounding=cfg.grounding, audio=cfg.audio,
-                                 storage=cfg.storage, recipe_hash=self.recipe_hash, work_url=out.work_url(gen.id),
+                                 storage=cfg.storage, recipe_hash=self.recipe_hash,
+                                 work_url=f"{out.work_url(gen.id)}/run-{self.lease.run_id}",
                                  decode_timeout_s=cfg.resources.decode_timeout_s, limits=cfg.limits,
                                  clips_per_row=cfg.resources.clips_per_row, scratch_dir=cfg.resources.scratch_dir,
                                  retry=cfg.failures.policy())
@@ -387,18 +417,19 @@ class Job:
         reasons: Counter = Counter()
         deferred: Counter = Counter()
 
-        # Concatenating a shard's parts is I/O: a driver thread does it while results keep coming (a Ray task
-        # would first start a worker process, seconds on a small machine, for a copy that takes milliseconds).
-        assembler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="assemble")
+        # Shards are assembled by Ray tasks while results keep coming: the bytes never pass through the driver. The
+        # first task starts a worker process (about a second), overlapped with decoding unless the run is one shard.
+        assembling: list[ray.ObjectRef] = []
 
         def start_shard(shard: _Shard) -> Future:
             url = out.path(shards.shard_name(gen.id, shard.index))
-            return assembler.submit(self.store, lambda: writer.concatenate(shard.part_urls, url, out.options),
-                                    f"writing {url}")
+            assembling.append(assemble_shard.remote(shard.part_urls, url, out.options, (), cfg.failures.policy()))
+            return assembling[-1].future()
 
         def commit(shard: _Shard, written: dict | None) -> None:
             entry = None
             if written is not None:
+                self.retries.count += written["retries"]
                 entry = shards.ShardEntry(name=shards.shard_name(gen.id, shard.index), samples=len(written["keys"]),
                                           bytes=written["bytes"], generation=gen.id, sha256=written["sha256"])
                 stats.shards += 1
@@ -436,12 +467,23 @@ class Job:
                     if result["seg"] == 0:
                         stats.video_seconds += summary["duration"]
             packer.finish()
-        finally:
-            assembler.shutdown(wait=True)
+        except BaseException:
+            stop_all(assembling)  # nothing of this run writes shards after it has failed
+            raise
         log.debug("Ray Data stage times:\n%s", dataset.stats())
         log.info("seconds per stage, summed over workers: %s",
                  ", ".join(f"{k} {v:.1f}" for k, v in sorted(stats.stage_seconds.items(), key=lambda kv: -kv[1])))
         stats.quarantined, stats.deferred = reasons, deferred
+
+
+def stop_all(tasks: list[ray.ObjectRef]) -> None:
+    """Cancel the tasks still running and wait (at most ``SHARD_STOP_S``) until every one has ended."""
+    _, running = ray.wait(tasks, num_returns=len(tasks), timeout=0)
+    for ref in running:
+        ray.cancel(ref)
+    _, left = ray.wait(running, num_returns=len(running), timeout=SHARD_STOP_S)
+    if left:
+        log.warning("%d shard assembly task(s) did not stop within %g s", len(left), SHARD_STOP_S)
 
 
 def run(cfg: PreprocessConfig) -> Result:

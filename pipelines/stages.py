@@ -58,7 +58,7 @@ class StageSettings:
     audio: AudioConfig
     storage: StorageConfig
     recipe_hash: str
-    work_url: str  # where parts go: <output>/_work/gen-G
+    work_url: str  # where parts go: <output>/_work/gen-G/run-<run id>
     decode_timeout_s: float
     clips_per_row: int
     limits: LimitConfig = field(default_factory=LimitConfig)

@@ -5,7 +5,9 @@
                                       that were kept (rewritten after each commit)
     <output>/stats.json               view: per-generation counts and rates
     <output>/shard-GGGGGG-NNNNN.tar   committed shards
-    <output>/_work/gen-GGGGGG/        plan.json and spooled parts of the generation in progress (deleted when done)
+    <output>/_work/gen-GGGGGG/        plan.json and spooled parts of the generation in progress (deleted when done),
+                                      the parts in ``run-<run id>/`` per attempt
+    <output>/_lease.json              who is writing the folder, until when (``lease``: one writer per folder)
 
 Exactly once under SIGKILL: a run writes its plan (the sorted new/changed sources) before any work and adds an
 unfinished generation to the manifest. Shards are packed from sources in plan order and committed in that order,
@@ -25,8 +27,9 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from pipelines import failures, writer
+from pipelines import conditional, failures, writer
 from pipelines.annotations import Query, queries_hash
+from pipelines.lease import LEASE_NAME, Lease
 from pipelines.sources import Source, join
 from tvlt_core import shards
 from tvlt_core.redaction import redact_text
@@ -105,12 +108,22 @@ def plan_rows(sources: list[Source], annotations: dict[str, list[dict]] | None =
     return rows
 
 
-class Output:
-    """The output folder: reads and atomically rewrites manifest.json and its views; knows where things go."""
+class ManifestConflict(RuntimeError):
+    """manifest.json changed since this run read it: another writer committed in between. Nothing was overwritten."""
 
-    def __init__(self, url: str, storage_options: dict):
+
+class Output:
+    """The output folder: reads and atomically rewrites manifest.json and its views; knows where things go.
+
+    Every manifest commit is a compare-and-swap on the version this run last read or wrote (S3: ``If-Match`` on the
+    ETag; locally the content hash under a lock, ``pipelines.conditional``), made only while ``lease`` (when given)
+    still holds: a second writer's commit is detected (``ManifestConflict``), never overwritten."""
+
+    def __init__(self, url: str, storage_options: dict, lease: Lease | None = None):
         self.url = url.rstrip("/")
         self.options = storage_options
+        self.lease = lease
+        self.manifest_version = ""  # of manifest.json as this run last read or wrote it; "" = there was none
 
     def path(self, name: str) -> str:
         return join(self.url, name)
@@ -121,19 +134,37 @@ class Output:
     def plan_url(self, generation: int) -> str:
         return f"{self.work_url(generation)}/plan.json"
 
+    def check_lease(self) -> None:
+        """Before anything that changes the folder's state: ``LeaseLost`` once this run no longer holds it."""
+        if self.lease is not None:
+            self.lease.check()
+
     # ---- manifest and its views
     def load(self) -> shards.Manifest | None:
         try:
-            text = writer.read_bytes(self.path(shards.MANIFEST_NAME), self.options).decode()
+            data, self.manifest_version = conditional.read(self.path(shards.MANIFEST_NAME), self.options)
         except FileNotFoundError:
+            self.manifest_version = ""
             return None
-        return shards.Manifest.from_json(text)
+        return shards.Manifest.from_json(data.decode())
 
     def save(self, manifest: shards.Manifest) -> None:
-        """manifest.json first (the commit point), then the quarantine view derived from it: quarantined
-        sources and the clips damage cost kept ones (deferred sources are not in it: they are not the input's fault,
-        and the next run retries them)."""
-        writer.publish_text(self.path(shards.MANIFEST_NAME), manifest.to_json(), self.options)
+        """manifest.json first (the commit point, conditional on the version last seen), then the quarantine view
+        derived from it: quarantined sources and the clips damage cost kept ones (deferred sources are not in it:
+        they are not the input's fault, and the next run retries them)."""
+        self.check_lease()
+        url, data = self.path(shards.MANIFEST_NAME), manifest.to_json().encode()
+        try:
+            if self.manifest_version:
+                self.manifest_version = conditional.replace(url, data, self.manifest_version, self.options)
+            else:
+                self.manifest_version = conditional.create(url, data, self.options)
+        except conditional.Conflict as e:
+            raise ManifestConflict(
+                f"{redact_text(url)} was changed by another writer since this run read it ({e}); this run's commit "
+                "was not written. Only one run may write to an output folder at a time (the lease in "
+                f"{LEASE_NAME} enforces it): rerun once the other run has finished."
+            ) from e
         lines = "".join(r.to_json() + "\n" for r in manifest.quarantine() + manifest.lost_clips())
         writer.publish_text(self.path(shards.QUARANTINE_NAME), lines, self.options)
 
@@ -148,6 +179,7 @@ class Output:
 
     # ---- plans
     def save_plan(self, plan: Plan) -> None:
+        self.check_lease()
         writer.publish_text(self.plan_url(plan.generation), plan.to_json(), self.options)
 
     def load_plan(self, generation: int) -> Plan:
@@ -156,6 +188,7 @@ class Output:
     # ---- cleanup
     def remove_orphans(self, manifest: shards.Manifest, generation: int) -> list[str]:
         """Delete what a killed run left that no manifest lists: temporaries and this generation's shards."""
+        self.check_lease()
         listed = {s.name for s in manifest.shards}
         prefix = f"shard-{generation:06d}-"
         orphans = []
@@ -171,6 +204,7 @@ class Output:
 
     def finish(self) -> None:
         """Delete the work folder: one generation runs at a time, and the finished one needs nothing from it."""
+        self.check_lease()
         writer.remove_tree(self.path(WORK_DIR), self.options)
 
 

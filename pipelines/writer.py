@@ -1,10 +1,11 @@
 """Shard writing: deterministic tar bytes, atomic publication on local folders and object stores, shard assembly.
 
 Two kinds of tar are written:
-    parts    ``_work/gen-GGGGGG/<source id>-<segment>.tar``: the samples of one decoded segment, written by the
-             pipeline's last stage as soon as the segment is encoded (so workers, not the driver, move the bytes)
-    shards   ``shard-GGGGGG-NNNNN.tar``: the parts of consecutive sources in plan order, concatenated by the driver
-             once every source in the shard is done; the driver then lists it in manifest.json
+    parts    ``_work/gen-GGGGGG/run-<run id>/<source id>-<segment>.tar``: the samples of one decoded segment,
+             written by the pipeline's last stage as soon as the segment is encoded (so workers, not the driver,
+             move the bytes)
+    shards   ``shard-GGGGGG-NNNNN.tar``: the parts of consecutive sources in plan order, concatenated by a Ray task
+             (``concatenate``) once every source in the shard is done; the driver then lists it in manifest.json
 
 Both appear under their final name only when complete: a local file is written to a hidden temporary name in the
 same folder and renamed (``os.replace`` is atomic on POSIX); an object store object becomes visible only when its
@@ -69,6 +70,17 @@ def publish(url: str, data: bytes, storage_options: dict) -> None:
         fs, path = fsspec.core.url_to_fs(url, **storage_options)
         fs.pipe_file(path, data)  # one PUT (or a multipart upload completed at once): never half an object
         return
+    tmp = local_temporary(url, data)
+    try:
+        os.replace(tmp, url)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def local_temporary(url: str, data: bytes) -> str:
+    """Write ``data`` durably to a hidden temporary beside the local path ``url``; returns the temporary's path, for
+    the caller to rename (or link) to ``url`` and to remove."""
     folder, name = os.path.split(url)
     os.makedirs(folder or ".", exist_ok=True)
     tmp = os.path.join(folder, f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
@@ -77,10 +89,11 @@ def publish(url: str, data: bytes, storage_options: dict) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, url)
-    finally:
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+    return tmp
 
 
 def publish_text(url: str, text: str, storage_options: dict) -> None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import av
@@ -25,8 +26,9 @@ import webdataset as wds
 from PIL import Image
 from fixtures.odd_media import MARKER, write_all, write_video
 
-from jobs.preprocess import main
+from jobs.preprocess import EXIT_HELD, main
 from pipelines import clips
+from pipelines.lease import LEASE_NAME
 from tvlt_core import audio as tvlt_audio
 from tvlt_core import shards
 from tvlt_core import video as tvlt_video
@@ -196,9 +198,12 @@ def test_a_second_run_with_nothing_new_does_nothing_and_says_so(clean_run, input
 
 
 @pytest.mark.slow
-def test_killed_with_sigkill_and_restarted_gives_exactly_the_clean_samples(clean_run, inputs, ray_cluster, tmp_path):
+def test_killed_with_sigkill_and_restarted_gives_exactly_the_clean_samples(clean_run, inputs, ray_cluster, tmp_path,
+                                                                           caplog):
+    """The killed run's lease refuses a run started before it expires; the first run after expiry takes over."""
     out = tmp_path / "shards"
-    argv = [*TINY, "--input", str(inputs), "--output", str(out), "--shards.target_bytes", "300000"]
+    argv = [*TINY, "--input", str(inputs), "--output", str(out), "--shards.target_bytes", "300000",
+            "--lease.ttl_s", "20", "--lease.renew_s", "5"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONPATH": str(REPO)}
     job = subprocess.Popen([sys.executable, str(REPO / "jobs" / "preprocess.py"), *argv], env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -214,7 +219,19 @@ def test_killed_with_sigkill_and_restarted_gives_exactly_the_clean_samples(clean
     job.wait(timeout=60)
     assert killed_at is not None, "the job finished before it could be killed mid-run"
     assert shards.load_manifest(str(out)).pending is not None
-    assert main(argv) == 0  # the restart resumes the same generation
+    before = (out / shards.MANIFEST_NAME).read_bytes()
+    lease = json.loads((out / LEASE_NAME).read_text())
+    assert main(argv) == EXIT_HELD  # the dead run's lease still holds (renewed at most 5 s before the kill)
+    holder = lease["holder"]
+    assert f"being written by run {holder['run_id']} (pid {job.pid} on {holder['host']})" in caplog.text
+    assert f"expires {lease['expires']}" in caplog.text
+    assert (out / shards.MANIFEST_NAME).read_bytes() == before and json.loads((out / LEASE_NAME).read_text()) == lease
+    deadline = time.monotonic() + 60
+    while datetime.now(timezone.utc) <= datetime.fromisoformat(lease["expires"]):
+        assert time.monotonic() < deadline, f"the lease did not expire by {lease['expires']}"
+        time.sleep(0.2)
+    assert main(argv) == 0  # the first run after expiry takes over and resumes the same generation
+    assert "took over the lease" in caplog.text
     manifest = shards.load_manifest(str(out))
     assert len(manifest.generations) == 1 and manifest.generations[0].attempts == 2
     assert manifest.generations[0].finished
@@ -226,6 +243,25 @@ def test_killed_with_sigkill_and_restarted_gives_exactly_the_clean_samples(clean
         return [(q.uri, q.stage, q.reason) for q in m.quarantine()]
 
     assert outcome(manifest) == outcome(shards.load_manifest(str(clean_run[0])))
+
+
+def driver_io() -> dict[str, int]:
+    """Bytes this process has read and written through system calls (files, pipes, sockets): Linux /proc/self/io."""
+    counters = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {k: int(counters[k]) for k in ("rchar", "wchar")}
+
+
+def test_shard_bytes_go_from_the_workers_to_the_store_without_passing_through_the_driver(clean_run, inputs,
+                                                                                           tmp_path):
+    """This test process is the job's driver: what it reads and writes during a run is far below the shards' bytes
+    (assembling shards in the driver read every part and wrote every shard: at least twice their size)."""
+    out = tmp_path / "shards"
+    before = driver_io()
+    assert main([*TINY, "--input", str(inputs), "--output", str(out)]) == 0
+    moved = {k: v - before[k] for k, v in driver_io().items()}
+    shard_bytes = sum(s.bytes for s in shards.load_manifest(str(out)).shards)
+    assert shard_bytes == sum(s.bytes for s in shards.load_manifest(str(clean_run[0])).shards) > 1_000_000
+    assert moved["wchar"] < 0.2 * shard_bytes and moved["rchar"] < 0.5 * shard_bytes, (moved, shard_bytes)
 
 
 def test_grounding_mode_stores_48_frames_once_per_video_with_all_its_queries(ray_cluster, synthetic_corpus, tmp_path):

@@ -63,6 +63,9 @@ def test_frame_instants_and_indices_follow_presentation_times():
     (["--failures.max_failed_share", "1.5"], ["failures.max_failed_share"]),
     (["--storage.read_timeout_s", "0"], ["storage.read_timeout_s"]),
     (["--storage.request_attempts", "0"], ["storage.request_attempts"]),
+    (["--lease.ttl_s", "1"], ["lease.ttl_s"]),
+    (["--lease.ttl_s", "30", "--lease.renew_s", "20"], ["lease.renew_s", "lease.ttl_s / 3 = 10"]),
+    (["--lease.renew_s", "0"], ["lease.renew_s"]),
 ])
 def test_bad_settings_fail_before_any_work_naming_the_setting(argv, names, tmp_path):
     with pytest.raises(ConfigError) as err:
