@@ -81,7 +81,7 @@ def _own_reason(exc: BaseException) -> str:
         return exc.reason
     if isinstance(exc, SourceChanged) or type(exc).__name__ == "FileExpired":  # s3fs: the ETag moved mid-read
         return SOURCE_CHANGED
-    if type(exc).__name__ == "ClientError":
+    if isinstance(getattr(exc, "response", None), dict):  # botocore's ClientError and its modelled subclasses
         return _client_error_reason(exc)
     module = type(exc).__module__ or ""
     name = type(exc).__name__

@@ -20,6 +20,8 @@ from fixtures.fault_proxy import Fault, FaultProxy
 
 from jobs.preprocess import RUN_FAILED, main
 from pipelines import failures
+from pipelines.config import StorageConfig
+from pipelines.pinned import open_source
 from tvlt_core import shards
 
 BUCKET, KEY, SECRET = "faults", "test-key", "test-secret"
@@ -210,3 +212,22 @@ def test_an_object_rewritten_between_listing_and_reading_is_deferred_then_read_a
             records += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
     assert records and all(r["etag"] == entry["etag"] and r["size"] == new["size"] for r in records)
     assert max(r["duration"] for r in records) == pytest.approx(longer["duration"], abs=0.1)
+
+
+def test_a_pinned_read_fails_as_source_changed_when_the_object_moves_on(store, s3_endpoint):
+    """Opened at the listed ETag, rewritten before the bytes are read: the GET's If-Match fails, never the new
+    bytes under the old version; opened with a stale ETag: refused at open."""
+    key = f"{BUCKET}/pinned/clip.mp4"
+    store.pipe_file(key, b"a" * 100_000)
+    listed = store.info(key)["ETag"].strip('"')
+    options = StorageConfig(endpoint_url=s3_endpoint, aws_access_key_id=KEY,
+                            aws_secret_access_key=SECRET).options(f"s3://{key}")
+    with open_source(f"s3://{key}", options, etag=listed) as f:
+        store.pipe_file(key, b"b" * 100_000)
+        with pytest.raises(OSError) as err:
+            f.read()
+    assert failures.transient_reason(err.value) == failures.SOURCE_CHANGED
+    with pytest.raises(failures.SourceChanged, match=listed):
+        open_source(f"s3://{key}", options, etag=listed)
+    with open_source(f"s3://{key}", options, etag=store.info(key, refresh=True)["ETag"].strip('"')) as f:
+        assert f.read() == b"b" * 100_000

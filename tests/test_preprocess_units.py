@@ -293,3 +293,61 @@ def test_probe_side_of_the_pipeline_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "False", out.stderr
+
+
+# ------------------------------------------------------------------------------------------------ failure classes
+def _client_error(code: str, status: int):
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "GetObject")
+
+
+def _as_s3fs_raises(error: Exception) -> OSError:
+    """What s3fs raises for a store's error: an OSError subclass with the botocore error as its cause."""
+    try:
+        try:
+            raise error
+        except Exception as cause:  # noqa: BLE001 - re-raised translated, like s3fs.errors.translate_boto_error
+            raise (PermissionError if "Access" in str(cause) else OSError)(str(cause)) from cause
+    except OSError as translated:
+        return translated
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: _client_error("SlowDown", 503), "throttled"),
+    (lambda: _client_error("InternalError", 500), "store_error"),
+    (lambda: _as_s3fs_raises(_client_error("InvalidAccessKeyId", 403)), "credentials"),
+    (lambda: _as_s3fs_raises(_client_error("AccessDenied", 403)), "credentials"),
+    (lambda: _client_error("PreconditionFailed", 412), "source_changed"),
+    (lambda: _client_error("NoSuchKey", 404), ""),  # gone: the input's problem (unreadable), not the store's
+    (lambda: ConnectionResetError(104, "reset by peer"), "connection"),
+    (lambda: TimeoutError("read"), "timeout"),
+    (lambda: PermissionError(13, "local file"), ""),  # a local file we may not read: permanent
+    (lambda: ValueError("a bug"), ""),
+])
+def test_failures_are_classified_by_their_cause(make, reason):
+    from pipelines.failures import transient_reason
+
+    assert transient_reason(make()) == reason
+
+
+def test_retrying_retries_transient_failures_only_and_gives_up_after_the_attempts():
+    from pipelines.failures import Retries, retrying
+
+    policy, counter, calls = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.02), Retries(), []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError(104, "reset")
+        return "done"
+
+    assert retrying(flaky, policy, "flaky", counter) == "done" and counter.count == 2
+    with pytest.raises(ConnectionResetError):
+        retrying(lambda: (_ for _ in ()).throw(ConnectionResetError(104, "reset")), policy, "always", counter)
+    assert counter.count == 4
+    calls.clear()
+    with pytest.raises(ValueError):  # a bug is raised at once
+        retrying(lambda: calls.append(1) or (_ for _ in ()).throw(ValueError("bug")), policy, "bug", counter)
+    assert len(calls) == 1 and counter.count == 4
