@@ -8,7 +8,8 @@
     release()                  drop the cached reader and audio of the current file
 
 A file is opened once for all the segments of a video (the reader and the decoded audio track are cached until
-``release``). Only numpy, PyAV and decord are imported here: the child stays small and starts fast.
+``release``). Only numpy, PyAV and decord are imported here (and ``tvlt_core.media``, which shares the decoding with serving):
+the child stays small and starts fast.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import fsspec
 import numpy as np
 from decord._ffi.base import DECORDError
 
-from pipelines import clips as clipping
+from tvlt_core import clips as clipping
+from tvlt_core import media
 
 log = logging.getLogger(__name__)
 av.logging.set_level(av.logging.ERROR)
@@ -96,12 +98,7 @@ def _probe(uri: str, storage_options: dict, want_audio: bool, stack: contextlib.
         rotation = int(round(frame.rotation or 0)) % 360
         width, height = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
         fps = float(vstream.average_rate or vstream.guessed_rate or 0.0)
-        if vstream.duration and vstream.time_base:
-            duration = float(vstream.duration * vstream.time_base)
-        elif container.duration:
-            duration = container.duration / av.time_base
-        else:
-            duration = vstream.frames / fps if vstream.frames and fps else 0.0
+        duration = media.stream_duration(container, vstream)
         if duration <= 0:
             raise Rejected("unknown_duration", "neither the stream nor the container gives a duration")
         audio, problem = None, "no audio stream"
@@ -130,52 +127,25 @@ def _reader(path: str) -> tuple[decord.VideoReader, np.ndarray]:
     if _current.path != path or _current.reader is None:
         if _current.path != path:
             release()
-        _current.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        n = len(_current.reader)
-        if n == 0:
+        _current.reader, _current.frame_starts = media.frame_reader(path)
+        if len(_current.reader) == 0:
             raise Rejected("undecodable_video", "decord finds no frames")
-        _current.frame_starts = _current.reader.get_frame_timestamp(np.arange(n))[:, 0].astype(np.float64)
         _current.path = path
     return _current.reader, _current.frame_starts
 
 
 def decode_audio(path: str) -> tuple[np.ndarray, int, float]:
-    """The first audio stream as float32 mono (mean of the channels) at its own rate.
-
-    Returns (samples (N,), sample rate, presentation time of sample 0 in seconds). Every sample format (u8, s16,
-    float, planar or packed) goes through libswresample to planar float first, keeping rate and layout.
-    """
-    with av.open(path) as container:
-        stream = container.streams.audio[0]
-        resampler, chunks, offset = None, [], None
-        for frame in container.decode(stream):
-            if offset is None:
-                offset = float(frame.time) if frame.time is not None else 0.0
-            if resampler is None:
-                resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=frame.sample_rate)
-                rate = frame.sample_rate
-            chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
-        if resampler is None:
-            raise Rejected("no_audio", "the audio stream holds no samples")
-        chunks.extend(f.to_ndarray() for f in resampler.resample(None))
-    samples = np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)
-    return samples, rate, offset or 0.0
+    """``tvlt_core.media.decode_audio``; an audio stream without samples is a rejected input."""
+    try:
+        return media.decode_audio(path)
+    except media.NoAudio as e:
+        raise Rejected("no_audio", str(e)) from None
 
 
 def decode_frames(path: str, times: list[list[float]]) -> dict:
-    """Decode the frames on screen at ``times`` (one list of instants in seconds per clip).
-
-    Returns ``{"frames": [uint8 (T, H, W, 3) per clip], "indices": [[int]], "frame_times": [[float]]}``, H and W
-    as displayed (decord applies the display matrix's rotation).
-    """
-    reader, starts = _reader(path)
-    per_clip = [clipping.frame_indices(np.asarray(t, dtype=np.float64), starts) for t in times]
-    wanted = np.unique(np.concatenate(per_clip))
-    batch = reader.get_batch(wanted.tolist()).asnumpy()  # decord seeks to the keyframe before each run of frames
-    row = {int(i): k for k, i in enumerate(wanted)}
-    return {"frames": [batch[[row[int(i)] for i in idx]] for idx in per_clip],
-            "indices": [idx.tolist() for idx in per_clip],
-            "frame_times": [starts[idx].round(6).tolist() for idx in per_clip]}
+    """Decode the frames on screen at ``times`` (one list of instants in seconds per clip): see
+    ``tvlt_core.media.frames_at``."""
+    return media.frames_at(*_reader(path), times)
 
 
 def decode_audio_windows(path: str, windows: list[list[float]]) -> dict:

@@ -20,22 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
-from PIL import Image
 
-from pipelines import clips as clipping
 from pipelines import writer
 from pipelines.config import AudioConfig, ClipConfig, GroundingConfig, StorageConfig
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
-from pipelines.sources import is_remote
-from tvlt_core import recipe, shards
+from tvlt_core import clips as clipping
+from tvlt_core import media, recipe, shards
 from tvlt_core.redaction import redact_text
 
 log = logging.getLogger(__name__)
@@ -135,23 +131,12 @@ class ProbeStage:
 
 
 # --------------------------------------------------------------------------------------------------------- decode
-def resize_longest_edge(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (T, H, W, 3) -> (T, h, w, 3) with the longest edge ``size`` (PIL bilinear, sides truncated like
-    ``TvpImageProcessor``), not padded: the loader pads, so shards keep no padding bytes."""
-    h, w = frames.shape[1:3]
-    new_h, new_w = (size, int(size * w / h)) if h >= w else (int(size * h / w), size)
-    return np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), resample=Image.BILINEAR)) for f in frames])
-
-
 def _local_copy(uri: str, storage: StorageConfig, scratch_dir: str) -> tuple[str, str | None]:
     """(path decord can open, temporary folder to delete or None). Remote objects are downloaded once per video."""
-    if not is_remote(uri):
-        return uri[len("file://"):] if uri.startswith("file://") else uri, None
+    if not media.is_remote(uri):
+        return media.local_path(uri), None
     folder = tempfile.mkdtemp(prefix="decode-", dir=scratch_dir or None)
-    path = os.path.join(folder, "source" + os.path.splitext(uri.split("?", 1)[0])[1])
-    with fsspec.open(uri, "rb", **storage.options(uri)) as src, open(path, "wb") as dst:
-        shutil.copyfileobj(src, dst, length=1 << 22)
-    return path, folder
+    return media.download(uri, folder, storage.options(uri)), folder
 
 
 class DecodeStage:
@@ -238,7 +223,7 @@ class DecodeStage:
         return out, timing
 
     def _row(self, row: dict, k: int, n_segs: int, out: dict) -> dict:
-        from tvlt_core.video import resize_center_crop  # torch: imported by decode actors only, not by probes
+        from tvlt_core.video import resize_center_crop, resize_longest_edge  # torch: decode actors only, not probes
 
         s = self.settings
         if s.mode == "grounding":
@@ -255,11 +240,6 @@ class DecodeStage:
 
 
 # -------------------------------------------------------------------------------------------- log-mel and encode
-def _min_samples(rate: int) -> int:
-    """Fewest samples at ``rate`` that still give one spectrogram frame at 44.1 kHz."""
-    return int(np.ceil((recipe.N_FFT // 2 + 1) * rate / recipe.SAMPLE_RATE)) + 1
-
-
 def log_mel_stage(row: dict, settings: StageSettings) -> dict:
     """Per clip: the normalised TVLT log-mel (float16, concatenated over the segment's clips, ``mel_bounds`` marks
     where each clip's frames start); a clip without (enough) audio gets no spectrogram, its bound repeats."""
@@ -268,7 +248,7 @@ def log_mel_stage(row: dict, settings: StageSettings) -> dict:
 
 
 def _log_mel(row: dict, settings: StageSettings) -> dict:
-    from tvlt_core.audio import log_mel  # torch: imported by decode actors only, not by probes
+    from tvlt_core.audio import log_mel, min_samples  # torch: imported by decode actors only, not by probes
 
     if row["failure"] or settings.mode != "pretrain":
         return {**row, "mel": np.zeros((0, recipe.NUM_MEL_BINS), np.float16), "mel_bounds": _NO_BOUNDS}
@@ -276,7 +256,7 @@ def _log_mel(row: dict, settings: StageSettings) -> dict:
     bounds, mels = row["audio_bounds"], []
     for i in range(len(bounds) - 1):
         wave = np.array(row["audio"][bounds[i] : bounds[i + 1]])  # a writable copy: Ray hands out read-only views
-        if rate and len(wave) >= _min_samples(rate):
+        if rate and len(wave) >= min_samples(rate):
             mels.append(log_mel(wave, rate).numpy().astype(np.float16))
         else:
             mels.append(np.zeros((0, recipe.NUM_MEL_BINS), np.float16))

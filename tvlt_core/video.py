@@ -149,6 +149,15 @@ def _longest_edge_size(height: int, width: int, size: int) -> tuple[int, int]:
     return int(size * (height * 1.0 / width)), size
 
 
+def resize_longest_edge(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> (T, h, w, 3) with the longest edge ``size`` (PIL bilinear, sides truncated like
+    ``TvpImageProcessor``), not padded: what grounding shards store (the loader pads, so shards keep no padding
+    bytes); serving applies it to a raw video's frames the same way."""
+    h, w = frames.shape[1:3]
+    new_h, new_w = (size, int(size * w / h)) if h >= w else (int(size * h / w), size)
+    return np.stack([np.asarray(Image.fromarray(f).resize((new_w, new_h), resample=Image.BILINEAR)) for f in frames])
+
+
 def tvp_resize_pad(frames: np.ndarray | torch.Tensor, size: int = TVP_IMAGE_SIZE) -> np.ndarray:
     """Resize every frame's longest edge to ``size`` (PIL bilinear) and zero-pad it, centred, to ``size`` x ``size``.
 
