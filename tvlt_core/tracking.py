@@ -97,7 +97,7 @@ def checkpoint_folder(model_dir: str) -> str:
     mlmodel = Path(model_dir) / "MLmodel"
     if not mlmodel.exists():
         return model_dir
-    from tvlt_core.serving.pyfunc_model import CHECKPOINT_ARTIFACT
+    from tvlt_core.serving.export import CHECKPOINT_ARTIFACT
 
     flavor = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
     return str(Path(model_dir) / flavor["artifacts"][CHECKPOINT_ARTIFACT]["path"])

@@ -17,9 +17,9 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from tvlt_core.serving.pyfunc_model import CHECKPOINT_ARTIFACT
-
 log = logging.getLogger(__name__)
+
+CHECKPOINT_ARTIFACT = "checkpoint"  # the artifact name of the Hugging Face folder in the MLflow model
 
 PYFUNC_MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
 PROJECT = "tvlt-pipeline"

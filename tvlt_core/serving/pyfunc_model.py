@@ -13,7 +13,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-CHECKPOINT_ARTIFACT = "checkpoint"  # the artifact name of the Hugging Face folder
+from tvlt_core.serving.export import CHECKPOINT_ARTIFACT
 
 
 class RegisteredModel(mlflow.pyfunc.PythonModel):
