@@ -84,9 +84,9 @@ class ClipConfig:
     centres, shortest edge + centre crop ``size``, and the clip's audio as the TVLT log-mel spectrogram.
     A trailing window (or a whole video) shorter than ``length_s`` is kept when it lasts at least ``min_length_s``."""
 
-    length_s: float = 10.0
-    stride_s: float = 10.0
-    min_length_s: float = 1.0
+    length_s: float = recipe.CLIP_LENGTH_S
+    stride_s: float = recipe.CLIP_STRIDE_S
+    min_length_s: float = recipe.CLIP_MIN_LENGTH_S
     frames: int = TVLT_NUM_FRAMES
     size: int = TVLT_IMAGE_SIZE
 
@@ -115,8 +115,8 @@ class GroundingConfig:
 
     annotations: list[str] = field(default_factory=list)  # local paths or URLs
     format: Literal["charades_sta", "activitynet"] = "charades_sta"
-    frames: int = 48
-    size: int = 448
+    frames: int = recipe.GROUNDING_FRAMES
+    size: int = recipe.GROUNDING_SIZE
 
     def __post_init__(self):
         if self.frames < 1 or self.size < 16:

@@ -111,12 +111,7 @@ def _probe(uri: str, storage_options: dict, want_audio: bool, stack: contextlib.
         rotation = int(round(frame.rotation or 0)) % 360
         width, height = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
         fps = float(vstream.average_rate or vstream.guessed_rate or 0.0)
-        if vstream.duration and vstream.time_base:
-            duration = float(vstream.duration * vstream.time_base)
-        elif container.duration:
-            duration = container.duration / av.time_base
-        else:
-            duration = vstream.frames / fps if vstream.frames and fps else 0.0
+        duration = media.stream_duration(container, vstream)
         if duration <= 0:
             raise Rejected("unknown_duration", "neither the stream nor the container gives a duration")
         audio, problem = None, "no audio stream"

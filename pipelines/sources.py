@@ -32,6 +32,7 @@ import pyarrow.parquet
 
 from pipelines.config import SourceConfig, StorageConfig
 from tvlt_core import shards
+from tvlt_core.media import is_remote  # noqa: F401  (re-exported: pipelines.writer)
 from tvlt_core.redaction import public_uri, redact, redact_text
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,6 @@ class Source:
 def join(base: str, name: str) -> str:
     """``base`` folder URL + ``name`` (no double slashes, works for local paths and s3://)."""
     return base.rstrip("/") + "/" + name.lstrip("/")
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
 
 
 def filesystem(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:

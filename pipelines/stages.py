@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -30,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines import clips as clipping
 from pipelines import writer
 from pipelines import failures
 from pipelines.config import AudioConfig, ClipConfig, GroundingConfig, LimitConfig, StorageConfig
@@ -312,11 +310,6 @@ class DecodeStage:
 
 
 # -------------------------------------------------------------------------------------------- log-mel and encode
-def _min_samples(rate: int) -> int:
-    """Fewest samples at ``rate`` that still give one spectrogram frame at 44.1 kHz."""
-    return int(np.ceil((recipe.N_FFT // 2 + 1) * rate / recipe.SAMPLE_RATE)) + 1
-
-
 def log_mel_stage(row: dict, settings: StageSettings) -> dict:
     """Per clip: the normalised TVLT log-mel (float16, concatenated over the segment's clips, ``mel_bounds`` marks
     where each clip's frames start); a clip without (enough) audio gets no spectrogram, its bound repeats."""
@@ -325,7 +318,7 @@ def log_mel_stage(row: dict, settings: StageSettings) -> dict:
 
 
 def _log_mel(row: dict, settings: StageSettings) -> dict:
-    from tvlt_core.audio import log_mel  # torch: imported by decode actors only, not by probes
+    from tvlt_core.audio import log_mel, min_samples  # torch: imported by decode actors only, not by probes
 
     if row["failure"] or settings.mode != "pretrain":
         return {**row, "mel": np.zeros((0, recipe.NUM_MEL_BINS), np.float16), "mel_bounds": _NO_BOUNDS}
@@ -333,7 +326,7 @@ def _log_mel(row: dict, settings: StageSettings) -> dict:
     bounds, mels = row["audio_bounds"], []
     for i in range(len(bounds) - 1):
         wave = np.array(row["audio"][bounds[i] : bounds[i + 1]])  # a writable copy: Ray hands out read-only views
-        if rate and len(wave) >= _min_samples(rate):
+        if rate and len(wave) >= min_samples(rate):
             mels.append(log_mel(wave, rate).numpy().astype(np.float16))
         else:
             mels.append(np.zeros((0, recipe.NUM_MEL_BINS), np.float16))

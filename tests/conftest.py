@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 
 import fsspec
 import numpy as np
@@ -134,40 +132,20 @@ def shard_writer():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifacts served by the server). Yields its URL."""
-    import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
     from pathlib import Path
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.fixtures.servers import free_port, start_http_service, stop_service
+
+    root, port = tmp_path_factory.mktemp("mlflow-server"), free_port()
     mlflow = str(Path(sys.executable).parent / "mlflow")
-    log = open(root / "server.log", "wb")
-    server = subprocess.Popen(
+    url = f"http://127.0.0.1:{port}"
+    server = start_http_service(
         [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        f"{url}/health", root / "server.log",
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker, started here
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        stop_service(server)  # the server and its uvicorn worker, started here

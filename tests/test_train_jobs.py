@@ -7,6 +7,7 @@ s3:// shards and storage, TVP fine-tuning from a Hugging Face folder. Each job i
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,11 +15,13 @@ import time
 from pathlib import Path
 
 import fsspec
+import mlflow
 import pytest
 import s3fs
 import torch
 from mlflow import MlflowClient
 
+from tests.fixtures.images import image_steps
 from jobs.config import ConfigError
 from jobs.finetune_tvp import main as finetune_main
 from jobs.pretrain import main as pretrain_main
@@ -124,8 +127,9 @@ def test_zero2_on_uneven_shards_then_relaunch_resumes_the_same_run(ray_cluster, 
     inputs = run.inputs.dataset_inputs[0]
     assert {t.key: t.value for t in inputs.tags}["samples"] == "13"
     assert len(client.search_model_versions("name='tvlt-pretrain'")) == 2
-    pictures = {f.path for f in client.list_artifacts(run.info.run_id, "samples/step-00000006")}
-    assert pictures == {"samples/step-00000006/frames.png", "samples/step-00000006/spectrogram.png"}
+    # pictures at the end of each launch, on the UI's step slider; nothing else under samples/ for TVLT
+    assert image_steps(client, run.info.run_id) == {"frames": [4, 6], "spectrogram": [4, 6]}
+    assert client.list_artifacts(run.info.run_id, "samples") == []
     assert "config.yaml" in {f.path for f in client.list_artifacts(run.info.run_id)}
 
     # the registered model is the trained model: the final checkpoint's module weights, read independently
@@ -159,11 +163,18 @@ def test_tvp_finetunes_from_a_hugging_face_folder_and_registers_with_its_tokeniz
     run = the_run(client, "tvp-grounding", "tvp")
     assert logged_steps(client, run.info.run_id) == [4]  # log_every_steps 5 in the preset: only the last step
     assert {"train/miou", "train/r1_iou0.5", "train/grad_norm", "perf/samples_per_s"} <= run.data.metrics.keys()
+    assert image_steps(client, run.info.run_id) == {"segments": [2, 4]}  # artifact_every_steps 2, and the end
     samples = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
-    assert samples and "segments.json" in {f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(run.info.run_id, samples[0])}
+    assert samples == ["samples/step-00000002", "samples/step-00000004"]
+    assert "segments.json" in {f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(run.info.run_id, samples[0])}
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/work/mlflow.db")
     folder = Path(resolve_model_uri("models:/tvp-grounding@latest"))
-    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "README.md", "preprocessing.json"} <= names
+    assert json.loads((folder / "preprocessing.json").read_text()) == {"test": True}  # the recipe of its shards
+    version = client.get_model_version_by_alias("tvp-grounding", "latest")
+    assert version.description == (folder / "README.md").read_text()  # the model card
+    assert mlflow.models.get_model_info(f"models:/tvp-grounding/{version.version}").signature is not None
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")), "no pickle in the registry"
     model = TvpForVideoGrounding.from_pretrained("models:/tvp-grounding@latest")
     assert TextTokenizer.from_folder(str(folder)).vocab_size == model.config.vocab_size == tokenizer.vocab_size

@@ -131,6 +131,12 @@ def log_mel(
     return ((db - 20.0) / 40.0).clamp(-2.0, 0.0).add(1.0)[:max_frames].to(torch.float32)
 
 
+def min_samples(rate: int) -> int:
+    """Fewest samples at ``rate`` that still give one spectrogram frame at 44.1 kHz (reflect padding needs more
+    than N_FFT / 2): a shorter clip gets no spectrogram."""
+    return int(np.ceil((N_FFT // 2 + 1) * rate / SAMPLE_RATE)) + 1
+
+
 def num_audio_patches(num_frames: int, *, time_patch: int = TIME_PATCH, freq_patch: int = FREQ_PATCH) -> int:
     """Patches the model sees for a spectrogram of ``num_frames`` frames after padding to whole time patches."""
     return math.ceil(num_frames / time_patch) * (NUM_MEL_BINS // freq_patch)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 TORCH_BIN_NAME = "pytorch_model.bin"
+PREPROCESSING_NAME = "preprocessing.json"  # exported models: the recipe of the shards they were trained on (serving)
 
 
 def _join(root: str, name: str) -> str:

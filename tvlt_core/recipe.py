@@ -17,3 +17,12 @@ MAX_FRAMES = 2048  # spectrogram_length of the public checkpoints (about 23.8 s)
 # Video: TVLT_NUM_FRAMES frames per clip, resized and centre-cropped to TVLT_IMAGE_SIZE square.
 TVLT_IMAGE_SIZE = 224
 TVLT_NUM_FRAMES = 8
+
+# Preprocessing defaults (``pipelines.config``): pretrain clips of CLIP_LENGTH_S every CLIP_STRIDE_S (a trailing
+# one kept from CLIP_MIN_LENGTH_S); grounding: GROUNDING_FRAMES frames per video, longest edge GROUNDING_SIZE.
+# Serving falls back to them for a checkpoint that does not say which recipe its shards had.
+CLIP_LENGTH_S = 10.0
+CLIP_STRIDE_S = 10.0
+CLIP_MIN_LENGTH_S = 1.0
+GROUNDING_FRAMES = 48
+GROUNDING_SIZE = 448

@@ -10,22 +10,28 @@ for steps the run already holds are not logged again: after a restart from a che
 
 Secrets: params are the resolved config with secrets masked (``tvlt_core.redaction``), redacted again here.
 
-Models. ``export_model`` writes a Hugging Face folder (config.json, model.safetensors, tokenizer files, a model
-card README.md) as run artifacts under ``model/`` and registers it as a new version of a registered model;
+Models. ``export_model`` logs a Hugging Face folder (config.json, model.safetensors, tokenizer files, a model
+card README.md, the shards' preprocessing.json) as an MLflow pyfunc model of the run (``tvlt_core.serving``:
+models-from-code, signature, input example, requirements from uv.lock; the folder under ``artifacts/checkpoint``)
+and registers it as a new version of a registered model, the model card as the version's description;
 ``models:/NAME@latest`` always resolves to the newest version (MLflow reserves that alias), configured aliases
 (e.g. ``candidate``) are moved to it. ``resolve_model_uri`` turns ``models:/NAME@ALIAS`` or ``models:/NAME/N``
-into a local folder, which is how ``from_pretrained("models:/...")`` loads a registered model.
+into the local Hugging Face folder, which is how ``from_pretrained("models:/...")`` loads a registered model;
+``mlflow.pyfunc.load_model`` and ``mlflow models serve`` load the same version as an MLflow model.
+
+Pictures (``log_images``) go through ``log_image`` with the step, so the UI shows them on a step slider.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,57 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def tracking_store(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide (fluent) API at ``uri`` for the block, then back. ``mlflow.set_tracking_uri``
+    also exports ``MLFLOW_TRACKING_URI``, which would make every later ``tracking_uri(work_dir)`` in this process
+    answer this store; the variable is put back as it was."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    point_fluent_api(uri)
+    try:
+        yield
+    finally:
+        point_fluent_api(previous)
+
+
+def point_fluent_api(uri: str) -> None:
+    """Point the process-wide API at ``uri`` (a training job's rank 0 for good), leaving the variable alone."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def checkpoint_folder(model_dir: str) -> str:
+    """The Hugging Face folder inside a downloaded registered version: ``artifacts/checkpoint`` of an MLflow model
+    (read from its MLmodel file), or the folder itself for versions registered as plain folders (before pyfunc)."""
+    import yaml
+
+    mlmodel = Path(model_dir) / "MLmodel"
+    if not mlmodel.exists():
+        return model_dir
+    from tvlt_core.serving.export import CHECKPOINT_ARTIFACT
+
+    flavor = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
+    return str(Path(model_dir) / flavor["artifacts"][CHECKPOINT_ARTIFACT]["path"])
+
+
+def logged_model_id(version) -> str | None:
+    """The MLflow model (``m-...``) a registered version was made from: ``version.model_id`` where the registry
+    keeps it, else read from its source ``models:/m-...`` (MLflow's SQL registry does not store the id), None
+    for versions registered from plain artifact folders."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/") :] if source.startswith("models:/m-") and "/" not in source[len("models:/") :] else None
+
+
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest))$")
 
 
@@ -80,7 +137,7 @@ def resolve_model_uri(uri: str, work_dir: str = DEFAULT_WORK_DIR, *, store: str 
     elif version == "latest":
         version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     source = client.get_model_version_download_uri(name, str(version))
-    return mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store)
+    return checkpoint_folder(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=store))
 
 
 def ensure_experiment(client, name: str, location: str | None) -> str:
@@ -121,6 +178,21 @@ class DatasetInfo:
     num_samples: int
     num_shards: int
     digest: str = ""  # the run's data snapshot digest (tvlt_core.data.snapshot); "" = name the recipe only
+    recipe: Mapping[str, Any] = field(default_factory=dict, compare=False)  # the preprocessing recipe itself
+
+    def mlflow_dataset(self):
+        """The shards as an MLflow dataset (a source URL, a name, a digest) for ``mlflow.log_input``."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        url = redact(self.manifest_url)
+        return MetaDataset(resolve_dataset_source(url), name=url.rstrip("/").rsplit("/", 1)[-1],
+                           digest=self.digest or self.recipe_hash)  # fmt: skip
+
+    def input_tags(self) -> dict[str, str]:
+        """Tags of the dataset input (``mlflow.log_input`` adds the context as ``mlflow.data.context``)."""
+        return {"generation": str(self.generation), "recipe_hash": self.recipe_hash, "samples": str(self.num_samples),
+                "shards": str(self.num_shards)}  # fmt: skip
 
 
 class RunTracker:
@@ -147,15 +219,7 @@ class RunTracker:
         from mlflow import MlflowClient
 
         uri = tracking_uri(work_dir)
-        # the fluent run below (system metrics) needs the process-wide URI; MLflow also exports it as
-        # MLFLOW_TRACKING_URI, which would make every later tracking_uri(work_dir) in this process answer this
-        # store, so the variable is put back as it was
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+        point_fluent_api(uri)  # the fluent run below (system metrics, log_input, log_model) needs it
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         experiment_id = ensure_experiment(client, experiment, artifact_location(uri, experiment))
         params = flatten(redact(dict(params)))
@@ -169,19 +233,19 @@ class RunTracker:
             attempts = int(runs[0].data.tags.get(ATTEMPTS_TAG, "1")) + 1
             client.set_tag(run_id, ATTEMPTS_TAG, str(attempts))
             logged = {d.dataset.digest for d in runs[0].inputs.dataset_inputs}
-            if dataset is not None and dataset.digest and dataset.digest not in logged:  # data.refresh: new data
-                tracker._log_dataset(dataset)
+            new_data = dataset is not None and dataset.digest and dataset.digest not in logged  # data.refresh
             log.info("MLflow: continuing run %s (%s) after step %d, attempt %d", run_name, run_id, tracker.last_step, attempts)
         else:
             run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, ATTEMPTS_TAG: "1"})
             run_id = run.info.run_id
             tracker = cls(client, run_id, 0)
             tracker._log_params(params)
-            if dataset is not None:
-                tracker._log_dataset(dataset)
             tracker.log_files(files or {}, "")
+            new_data = dataset is not None
             log.info("MLflow: new run %s (%s) in experiment %s at %s", run_name, run_id, experiment, redact(uri))
         mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+        if new_data:
+            mlflow.log_input(dataset.mlflow_dataset(), context="training", tags=dataset.input_tags())
         return tracker
 
     @staticmethod
@@ -206,25 +270,6 @@ class RunTracker:
                 log.warning("resumed with %s=%s (the run was started with %s)", key, value, logged[key])
                 self.client.set_tag(self.run_id, f"resumed_with.{key}", value)
 
-    def _log_dataset(self, info: DatasetInfo) -> None:
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-
-        url = redact(info.manifest_url)
-        dataset = MetaDataset(resolve_dataset_source(url), name=url.rstrip("/").rsplit("/", 1)[-1],
-                              digest=info.digest or info.recipe_hash)  # fmt: skip
-        tags = {
-            "mlflow.data.context": "training",
-            "generation": str(info.generation),
-            "recipe_hash": info.recipe_hash,
-            "samples": str(info.num_samples),
-            "shards": str(info.num_shards),
-        }
-        self.client.log_inputs(
-            self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])]
-        )
-
     # --- during the run ------------------------------------------------------------------------------------------
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log ``metrics`` at ``step``, unless the run already holds that step (a repeat after a restart)."""
@@ -247,6 +292,12 @@ class RunTracker:
                 (Path(tmp) / name).write_bytes(data)
             self.client.log_artifacts(self.run_id, tmp, artifact_path or None)
 
+    def log_images(self, images: Mapping[str, Any], step: int) -> None:
+        """Log pictures (name -> uint8 (H, W, 3) or (H, W) array) with ``log_image`` at ``step``: one key per
+        picture, so the run's page shows each with a step slider."""
+        for key, image in images.items():
+            self.client.log_image(self.run_id, image, key=key, step=step, synchronous=True)
+
     def export_model(
         self,
         folder: str,
@@ -255,12 +306,18 @@ class RunTracker:
         aliases: list[str],
         description: str,
         artifact_path: str = MODEL_ARTIFACT_PATH,
+        step: int = 0,
     ) -> str | None:
-        """Log the Hugging Face folder ``folder`` under ``artifact_path`` and, with ``registered_model``, register
-        it as a new version and move ``aliases`` to it. Returns the version (or None when not registering)."""
+        """Log the Hugging Face folder ``folder`` as the MLflow model ``artifact_path`` of this run at training step
+        ``step`` (pyfunc, ``tvlt_core.serving.export``) and, with ``registered_model``, register it as a new version described by
+        ``description`` (the model card) and move ``aliases`` to it. Returns the version (None when not
+        registering)."""
+        import mlflow
         from mlflow.exceptions import MlflowException
 
-        self.client.log_artifacts(self.run_id, folder, artifact_path)
+        from tvlt_core.serving.export import log_pyfunc
+
+        model_id = log_pyfunc(self.client, self.run_id, folder, artifact_path, step=step)
         if not registered_model:
             return None
         try:
@@ -268,10 +325,9 @@ class RunTracker:
         except MlflowException as err:
             if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
                 raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-        version = self.client.create_model_version(
-            registered_model, source=source, run_id=self.run_id, description=description
-        ).version
+        with tracking_store(self.client.tracking_uri):  # register_model also links the logged model to the version
+            version = mlflow.register_model(f"models:/{model_id}", registered_model).version
+        self.client.update_model_version(registered_model, version, description=description)
         for alias in aliases:
             self.client.set_registered_model_alias(registered_model, alias, version)
         log.info("registered %s version %s (models:/%s@latest%s)", registered_model, version, registered_model,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tvlt_core import resize
 from tvlt_core.recipe import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES  # noqa: F401  (re-exported)
+from tvlt_core.resize import resize_longest_edge  # noqa: F401  (re-exported: what grounding shards store)
 
 # ----------------------------------------------------------------------------------------------------- TVLT
 

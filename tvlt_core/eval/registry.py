@@ -8,8 +8,8 @@ An evaluation run holds the settings (params), the data (an MLflow dataset input
 metric of the report (references under ``<reference>/<metric>``), the table (the run's description and
 ``evaluation/report.txt``) and the report's detail files; its tags name the model version. The version itself gets
 the model's metrics as tags ``eval.<metric>``, with ``eval.run_id`` linking back to the run and ``eval.digest``
-naming the data and settings they were measured on (registry versions made from run artifacts have no metrics
-field of their own, so tags are where the registry UI shows them).
+naming the data and settings they were measured on (promotion reads them); the run's metrics are also linked to
+the version's MLflow model and the evaluated dataset, so the registered version's page shows them.
 
 Promotion moves an alias to the evaluated version only when it is strictly better on the chosen metric than the
 version holding the alias now, measured on the same data with the same settings (read from the holder's tags when
@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ from typing import Any
 
 from tvlt_core.eval.report import Report
 from tvlt_core.redaction import redact
-from tvlt_core.tracking import DatasetInfo, artifact_location, ensure_experiment, flatten
+from tvlt_core.tracking import (DatasetInfo, artifact_location, ensure_experiment, flatten, logged_model_id,
+                                tracking_store)
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +84,13 @@ def data_digest(dataset: DatasetInfo, settings: Mapping[str, Any]) -> str:
 
 def log_evaluation(client, report: Report, ref: ModelRef, *, dataset: DatasetInfo, params: Mapping[str, Any],
                    digest: str, experiment: str) -> str:  # fmt: skip
-    """One evaluation run for ``report`` of ``ref`` on ``dataset``; tags the registered version. Returns the run id."""
-    from mlflow.entities import DatasetInput, InputTag, Metric, Param
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
+    """One evaluation run for ``report`` of ``ref`` on ``dataset``; tags the registered version. Returns the run id.
+
+    The metrics carry the time they were logged, the registered version's MLflow model (``model_id``) and the
+    evaluated dataset (name, digest), so the version's page lists them; the dataset is an input of the run,
+    linked to the same model, through ``mlflow.log_input``."""
+    import mlflow
+    from mlflow.entities import LoggedModelInput, Metric, Param
 
     tags = {"tvlt.task": report.task, "tvlt.evaluation_of": ref.describe(), "model.uri": redact(ref.uri),
             "model.name": ref.name, "model.version": ref.version, "model.run_id": ref.run_id, "eval.digest": digest,
@@ -96,12 +101,14 @@ def log_evaluation(client, report: Report, ref: ModelRef, *, dataset: DatasetInf
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     values = flatten(redact(dict(params)))
     client.log_batch(run_id, params=[Param(k, v) for k, v in values.items()])
-    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in report.metrics().items() if math.isfinite(v)])
-    url = redact(dataset.manifest_url)
-    source = MetaDataset(resolve_dataset_source(url), name=url.rstrip("/").rsplit("/", 1)[-1], digest=dataset.recipe_hash)
-    input_tags = {"mlflow.data.context": "evaluation", "generation": str(dataset.generation),
-                  "recipe_hash": dataset.recipe_hash, "samples": str(dataset.num_samples)}  # fmt: skip
-    client.log_inputs(run_id, datasets=[DatasetInput(source._to_mlflow_entity(), [InputTag(k, v) for k, v in input_tags.items()])])
+    model_id = logged_model_id(client.get_model_version(ref.name, ref.version)) if ref.registered else None
+    evaluated, now = dataset.mlflow_dataset(), int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=model_id, dataset_name=evaluated.name,
+                                             dataset_digest=evaluated.digest, run_id=run_id)
+                                      for k, v in report.metrics().items() if math.isfinite(v)])  # fmt: skip
+    with tracking_store(client.tracking_uri), mlflow.start_run(run_id=run_id):
+        mlflow.log_input(evaluated, context="evaluation", tags=dataset.input_tags(),
+                         model=LoggedModelInput(model_id) if model_id else None)  # fmt: skip
     files = {"report.txt": report.table().encode() + b"\n", "metrics.json": json.dumps(report.metrics(), indent=1).encode(),
              **report.files}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

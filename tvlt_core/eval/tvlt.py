@@ -163,6 +163,21 @@ class TvltEvaluator:
             audio.append(masked_sums(audio_logits, target, encoded.audio_label_masks, part["audio_mask"]).cpu())
         return torch.cat(pixel), torch.cat(audio)
 
+    @torch.no_grad()
+    def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each clip's pooled embedding (B, D), tanh(pooler(cls)) as the matching head reads it, and the matching
+        logit (B,) of its own audio with its own video: the diagonal of ``score_matrix``, by the same layers."""
+        pooled, logits = [], []
+        head = self.model.matching_head
+        for s in range(0, len(batch["keys"]), self.settings.batch_size):
+            part = {k: v[s : s + self.settings.batch_size] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            cls = self.model.tvlt(part["pixel_values"], part["audio_values"], part["pixel_mask"], part["audio_mask"],
+                                  cls_only=True).last_hidden_state[:, 0]  # fmt: skip
+            out = torch.tanh(head.pooler.dense(cls))
+            pooled.append(out.float().cpu())
+            logits.append(head.fc(out).float().view(-1).cpu())
+        return torch.cat(pooled), torch.cat(logits)
+
     def score_matrix(self, batch: dict[str, Any]) -> torch.Tensor:
         """(G, G) matching logits, row i = clip i's audio, column j = clip j's video."""
         g = len(batch["keys"])

@@ -71,7 +71,7 @@ class TvpEvaluator:
     @torch.no_grad()
     def evaluate_unit(self, unit: EvalUnit) -> dict[str, Any]:
         """Per query: key, query index, sentence, duration, true and predicted (start, end) in seconds."""
-        c, queries, rows, skipped = self.model.config, [], [], 0
+        queries, rows, skipped = [], [], 0
         for raw in read_shard(unit.url):
             try:
                 sample = shards.decode_sample(raw)
@@ -80,8 +80,7 @@ class TvpEvaluator:
                 log.warning("skipping sample %s of %s: %s", raw.get("__key__"), unit.url, err)
                 skipped += 1
                 continue
-            frames = sample.frames[uniform_indices(len(sample.frames), c.num_frames, repeat=True)]
-            pixels = tvp_preprocess(frames, c.max_img_size)
+            pixels = self.pixels(sample.frames)
             for i, q in enumerate(annotated):
                 queries.append({"key": sample.key, "query": i, "sentence": q["sentence"], "duration": duration,
                                 "true": [float(q["start"]), float(q["end"])], "pixels": pixels})  # fmt: skip
@@ -92,7 +91,15 @@ class TvpEvaluator:
             rows += self.predict(queries)
         return {"unit": unit.index, "queries": rows, "videos": len({r["key"] for r in rows}), "skipped": skipped}
 
+    def pixels(self, frames) -> torch.Tensor:
+        """A video's stored frames, uint8 (N, h, w, 3) with the longest edge at the recipe's size, -> the model's
+        (num_frames, 3, S, S) input; serving feeds a raw video's frames through this too."""
+        c = self.model.config
+        return tvp_preprocess(frames[uniform_indices(len(frames), c.num_frames, repeat=True)], c.max_img_size)
+
     def predict(self, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Queries (``sentence``, ``duration`` s, ``pixels`` from ``pixels``, anything else kept) -> the same dicts
+        without ``pixels``, with ``predicted`` (start, end) in seconds. One forward pass: at most a batch."""
         text = self.tokenizer([q["sentence"] for q in queries])
         out = self.model(
             input_ids=text["input_ids"].to(self.device),

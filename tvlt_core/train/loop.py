@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tvlt_core import distributed
-from tvlt_core.checkpoint import write_folder
+from tvlt_core.checkpoint import PREPROCESSING_NAME, write_folder
 from tvlt_core.data.stream import DataError, StreamingLoader
 from tvlt_core.tracking import DatasetInfo, RunTracker, model_card
 from tvlt_core.train.config import CheckpointConfig, OptimConfig, ScheduleConfig, TrackingConfig
@@ -311,11 +311,14 @@ class Trainer:
         return metrics
 
     def log_artifacts(self) -> None:
+        """Pictures of the last batch with ``log_image`` at this step (the UI's step slider), other files under
+        ``samples/step-N/``."""
         if self.tracker is None or self.last is None:
             return
         batch, output = self.last
-        files = self.task.artifacts(self.engine.module, batch, output)
-        self.tracker.log_files(files, f"samples/step-{self.step:08d}")
+        out = self.task.artifacts(self.engine.module, batch, output)
+        self.tracker.log_images({k: v for k, v in out.items() if not isinstance(v, bytes)}, self.step)
+        self.tracker.log_files({k: v for k, v in out.items() if isinstance(v, bytes)}, f"samples/step-{self.step:08d}")
 
     def summary(self, total: _Window, wall_s: float) -> dict[str, float]:
         """This attempt's totals (the last window's metrics are in ``last_metrics``)."""
@@ -392,12 +395,15 @@ class Trainer:
                 task=self.task.name, run_name=self.s.run_name, run_id=self.tracker.run_id, step=self.step,
                 dataset=self.s.dataset, config=self.s.config, results=self.last_metrics,
             )  # fmt: skip
-            with tempfile.TemporaryDirectory(prefix="export-") as folder:
+            with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+                folder = str(Path(tmp) / "checkpoint")  # the folder's name inside the MLflow model's artifacts
                 files = {**self.task.export_files(), "README.md": card.encode()}
+                if self.s.dataset is not None and self.s.dataset.recipe:  # how serving turns a video into inputs
+                    files[PREPROCESSING_NAME] = json.dumps(dict(self.s.dataset.recipe), indent=1, sort_keys=True).encode()
                 write_folder(folder, self.task.export_config(model), state, files)
                 version = self.tracker.export_model(
                     folder, registered_model=self.s.tracking.registered_model, aliases=self.s.tracking.aliases,
-                    description=card, artifact_path=artifact_path,
+                    description=card, artifact_path=artifact_path, step=self.step,
                 )  # fmt: skip
         distributed.barrier()
         return version

@@ -122,7 +122,8 @@ def pin_data(data: DataConfig, run_folder_url: str, *, task: str, mode: str) -> 
         snapshot.save(run_folder_url, snap)
     log.info("data: %s snapshot %s of %s (generation %d, %d samples in %d shards)", how, snap.digest, snap.folder,
              snap.generation, snap.num_samples, len(snap.shards))  # fmt: skip
-    info = DatasetInfo(snap.folder, snap.generation, snap.recipe_hash, snap.num_samples, len(snap.shards), snap.digest)
+    info = DatasetInfo(snap.folder, snap.generation, snap.recipe_hash, snap.num_samples, len(snap.shards), snap.digest,
+                       recipe=snap.recipe)
     return snap, info
 
 

@@ -4,13 +4,12 @@ tracking) is shared. A task is a small picklable object the job builds and Ray s
     build_model()                  -> nn.Module, from scratch or ``init_from`` (folder, URL or models:/ URI)
     batcher(model)                 -> the loader's per-task sample transform and collate
     forward(model, batch, device)  -> (loss, {metric name: scalar tensor}, model output)
-    artifacts(model, batch, output)-> {file name: bytes}: pictures of what the model does, for MLflow
+    artifacts(model, batch, output)-> {name: uint8 image array (logged with log_image at the step) or file bytes}
     export_config(model), export_files() -> config.json dict and extra files of the Hugging Face folder
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ class Task(Protocol):
 
     def forward(self, model: nn.Module, batch: dict[str, Any], device: torch.device, dtype: torch.dtype): ...
 
-    def artifacts(self, model: nn.Module, batch: dict[str, Any], output: Any) -> dict[str, bytes]: ...
+    def artifacts(self, model: nn.Module, batch: dict[str, Any], output: Any) -> dict[str, np.ndarray | bytes]: ...
 
     def export_config(self, model: nn.Module) -> dict[str, Any]: ...
 
@@ -58,13 +57,6 @@ def to_device(batch: dict[str, Any], names: list[str], device: torch.device, dty
             t = batch[name].to(device, non_blocking=True)
             out[name] = t.to(dtype) if t.is_floating_point() else t
     return out
-
-
-def png(array: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) or (H, W) -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # --- TVLT: masked autoencoding + video-audio matching ---------------------------------------------------------------
@@ -120,8 +112,9 @@ class TvltPretrainTask:
             parts["matching_accuracy"] = (predicted == batch["labels"].view(-1)).float().mean()
         return out.loss, parts, out
 
-    def artifacts(self, model, batch, output) -> dict[str, bytes]:
-        """Frames and spectrogram of the batch's first clip: original | masked | reconstructed, one row each."""
+    def artifacts(self, model, batch, output) -> dict[str, np.ndarray]:
+        """Pictures of the batch's first clip, its input beside what the model makes of it: ``frames`` (rows:
+        original | masked | reconstructed, frames left to right) and ``spectrogram`` (the same three rows)."""
         if getattr(output, "pixel_logits", None) is None:
             return {}
         c = model.config
@@ -133,7 +126,7 @@ class TvltPretrainTask:
         t, size = pixels.shape[1], pixels.shape[-1]
         rows = [unpatchify_pixels(x, t, size, c.image_patch_size[0])[0] for x in shown]  # 3 x (T, C, S, S)
         grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (C, 3S, T*S)
-        files = {"frames.png": png(_to_uint8(grid).transpose(1, 2, 0))}
+        pictures = {"frames": _to_uint8(grid).transpose(1, 2, 0)}
 
         spectrogram = batch["audio_values"][:1].float()  # (1, 1, A, 128)
         target = patchify_audio(spectrogram, c.audio_patch_size)
@@ -142,8 +135,8 @@ class TvltPretrainTask:
         shown = [target, target * (1 - removed), target * (1 - removed) + predicted * removed]
         time = spectrogram.shape[2]
         rows = [unpatchify_audio(x, time, c.audio_patch_size)[0, 0].T.flip(0) for x in shown]  # low pitch at the bottom
-        files["spectrogram.png"] = png(_to_uint8(torch.cat(rows, dim=0)))  # (3 * 128, A)
-        return files
+        pictures["spectrogram"] = _to_uint8(torch.cat(rows, dim=0))  # (3 * 128, A)
+        return pictures
 
     def export_config(self, model: TvltForPreTraining) -> dict[str, Any]:
         return model.config.to_hf_dict(type(model).__name__)
@@ -189,8 +182,9 @@ class TvpGroundingTask:
             parts[f"r1_iou{m:g}"] = torch.tensor(scores[f"R@1,IoU={m:g}"])
         return out.loss, parts, out
 
-    def artifacts(self, model, batch, output) -> dict[str, bytes]:
-        """Predicted vs true segments of the batch: a JSON list and a picture (true above, predicted below)."""
+    def artifacts(self, model, batch, output) -> dict[str, np.ndarray | bytes]:
+        """Predicted vs true segments of the batch: ``segments`` a picture (per query: true in green above,
+        predicted in blue below, over the video's duration) and ``segments.json``."""
         labels = batch["labels"]
         predicted = tvp_logits_to_seconds(output.logits.detach().float().cpu(), labels[:, 0])
         rows = [
@@ -207,9 +201,7 @@ class TvpGroundingTask:
                 a, b = (int(width * v / r["duration"]) for v in seg)
                 draw.rectangle([0, y + j * lane, width - 1, y + j * lane + lane - 3], outline="lightgrey")
                 draw.rectangle([min(a, b), y + j * lane, max(a, b), y + j * lane + lane - 3], fill=colour)
-        buf = io.BytesIO()
-        picture.save(buf, format="PNG")
-        return {"segments.json": json.dumps(rows, indent=1).encode(), "segments.png": buf.getvalue()}
+        return {"segments.json": json.dumps(rows, indent=1).encode(), "segments": np.asarray(picture)}
 
     def export_config(self, model: TvpForVideoGrounding) -> dict[str, Any]:
         return {**model.config.to_dict(), "architectures": [type(model).__name__]}
