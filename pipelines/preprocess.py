@@ -390,7 +390,7 @@ class Job:
                 continue  # done by an earlier attempt
             name = shards.shard_name(gen.id, i)
             res = ray.get(assemble_shard.remote([self.out.path(old)], self.out.path(name), self.out.options,
-                                                prefixes, cfg.failures.policy()))
+                                                prefixes, self.cfg.failures.policy()))
             self.retries.count += res.pop("retries")
             new = (shards.ShardEntry(name=name, samples=len(res["keys"]), bytes=res["bytes"], generation=gen.id,
                                      sha256=res["sha256"]) if res["keys"] else None)

@@ -27,9 +27,10 @@ import decord
 import numpy as np
 from decord._ffi.base import DECORDError
 
-from pipelines import clips as clipping
 from pipelines.failures import transient_reason
 from pipelines.pinned import open_source
+from tvlt_core import clips as clipping
+from tvlt_core import media
 from tvlt_core.resize import FrameResize
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -29,13 +30,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines import writer
-from pipelines import failures
+from pipelines import failures, writer
 from pipelines.config import AudioConfig, ClipConfig, GroundingConfig, LimitConfig, StorageConfig
 from pipelines.failures import Retries, RetryPolicy, SourceChanged, retrying, transient_reason
 from pipelines.pinned import check_local, open_source
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError, failure_reason
 from pipelines.sources import is_remote
+from tvlt_core import clips as clipping
 from tvlt_core import recipe, shards
 from tvlt_core.redaction import redact_text
 from tvlt_core.resize import FrameResize
