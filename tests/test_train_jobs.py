@@ -30,7 +30,7 @@ from tests.fixtures.ray_workers import ray_train_workers
 from tvlt_core.models.tvlt import TvltForPreTraining
 from tvlt_core.models.tvp import TvpForVideoGrounding, tvp_tiny_config
 from tvlt_core.text import TextTokenizer, build_vocab
-from tvlt_core.tracking import ATTEMPTS_TAG, RUN_NAME_TAG, resolve_model_uri
+from tvlt_core.tracking import ATTEMPTS_TAG, RUN_NAME_TAG, resolve_model_uri, tracking_store
 from tvlt_core.train.engine import DEEPSPEED_STATE_CLASSES, SafeCheckpointEngine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +174,8 @@ def test_tvp_finetunes_from_a_hugging_face_folder_and_registers_with_its_tokeniz
     assert json.loads((folder / "preprocessing.json").read_text()) == {"test": True}  # the recipe of its shards
     version = client.get_model_version_by_alias("tvp-grounding", "latest")
     assert version.description == (folder / "README.md").read_text()  # the model card
-    assert mlflow.models.get_model_info(f"models:/tvp-grounding/{version.version}").signature is not None
+    with tracking_store(f"sqlite:///{tmp_path}/work/mlflow.db"):  # an earlier in-process job pointed the fluent API
+        assert mlflow.models.get_model_info(f"models:/tvp-grounding/{version.version}").signature is not None
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")), "no pickle in the registry"
     model = TvpForVideoGrounding.from_pretrained("models:/tvp-grounding@latest")
     assert TextTokenizer.from_folder(str(folder)).vocab_size == model.config.vocab_size == tokenizer.vocab_size
