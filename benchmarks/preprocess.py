@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/preprocess.py --videos 24 --work /tmp/bench_preprocess [--gop 10]
     .venv/bin/python benchmarks/preprocess.py --videos 24 --rows faults     # only (f) and (g)
+    .venv/bin/python benchmarks/preprocess.py --videos 24 --rows sampling   # only (h): exact vs keyframe sampling
 
 Corpus: synthetic, 640x360, 30 fps, 10-30 s, h264 + AAC, a keyframe every 2 s like camera files, or every ``--gop``
 seconds (generated once into WORK/corpus or WORK/corpus-gopN and reused): a sampled frame decodes from the keyframe
@@ -28,6 +29,10 @@ Recipe everywhere: 10 s clips every 10 s, 8 frames per clip at the segment centr
                          (half each, seeded): (g) / (f) is what surviving them costs; the table says how many faults
                          were injected and how many operations our layer retried (botocore's own retries of a
                          request are not counted there: most faults are absorbed by them)
+    (h) sampling         ``clips.sampling`` exact vs keyframe, on corpora with a keyframe every 0.5, 2 and 10 s
+                         (``--gops``): the recipe's work without a pipeline ((e), in W processes) and our job on a
+                         running Ray (after an unreported warm-up job), the two modes interleaved per corpus; the
+                         ratios keyframe / exact in videos/s, whole job and first to last result
 Prints videos/s, seconds of video per second, peak memory (summed RSS of the process tree, shared pages counted
 per process) and the ratios; what the job's driver process read and wrote (``/proc/self/io``: every system call,
 files, pipes and sockets) per GB of shards; then where the job's time goes (seconds per stage, summed over workers).
@@ -53,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from pipelines import clips  # noqa: E402
+from tvlt_core import clips  # noqa: E402
 from pipelines.synthetic import generate_corpus, load_corpus  # noqa: E402
 from pipelines.synthetic.spec import GOP_SECONDS  # noqa: E402
 
@@ -125,10 +130,10 @@ def full_one(path: str) -> int:
     return len(kept) + _audio(path)
 
 
-def recipe_one(path: str) -> int:
+def recipe_one(path: str, sampling: str = "exact") -> int:
     """(e): the job's per-file work with no pipeline around it: the probe and decoder functions the sandbox runs
     (called in-process), resize + centre crop to 224, the log-mel of every clip, JPEG and npy encoding; nothing
-    written."""
+    written. (h) passes ``sampling="keyframe"``."""
     import torch
 
     from pipelines import reader
@@ -140,7 +145,8 @@ def recipe_one(path: str) -> int:
     info = reader.probe(path)
     windows = clips.windows(info["duration"], LENGTH_S, LENGTH_S, 1.0)  # the job plans from the probe
     out = reader.decode_frames(path, [clips.frame_times(c, FRAMES).tolist() for c in windows],
-                               FrameResize("center_crop", 224), (info["height"], info["width"]))
+                               FrameResize("center_crop", 224), (info["height"], info["width"]), sampling,
+                               [[c.start, c.end] for c in windows])  # fmt: skip
     sound = reader.decode_audio_windows(path, [[c.start, c.end] for c in windows])
     n = 0
     for frames, wave in zip(out["frames"], sound["audio"], strict=True):
@@ -162,6 +168,73 @@ def timed_pool(fn, paths: list[str], workers: int) -> tuple[float, float]:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             pool.map(fn, paths, chunksize=1)
     return time.perf_counter() - start, monitor.stop()
+
+
+def recipe_keyframe(path: str) -> int:
+    return recipe_one(path, "keyframe")
+
+
+def timed_sampling(work: Path, videos: int, gops: list[float], workers: int) -> list[tuple[float, str, float, float, float]]:
+    """(h): per corpus, exact and keyframe: (gop, mode, recipe-only wall s, job wall s, job first-to-last s)."""
+    import ray
+
+    from jobs.preprocess import main
+
+    corpora = {gop: corpus_at(work, gop, videos, workers) for gop in gops}
+    ray.init(num_cpus=workers, object_store_memory=2 * 1024**3, include_dashboard=False, log_to_driver=False)
+    rows = []
+
+    def job(corpus_dir: Path, sampling: str, name: str) -> tuple[float, float]:
+        target = work / f"shards-{name}"
+        shutil.rmtree(target, ignore_errors=True)
+        start = time.perf_counter()
+        code = main(["--config", "preprocess_pretrain", "--input", str(corpus_dir / "pretrain"), "--output",
+                     str(target), "--progress", "false", "--clips.sampling", sampling])  # fmt: skip
+        wall = time.perf_counter() - start
+        if code != 0:
+            raise SystemExit(f"(h) {name}: the job failed with exit code {code}")
+        stats = json.loads((target / "stats.json").read_text())["last_run"]
+        return wall, wall - stats["first_result_s"]
+
+    try:
+        job(corpora[gops[0]][0], "exact", "warm-up")  # the first job on a fresh Ray pays one-off costs
+        for gop, (corpus_dir, paths) in corpora.items():
+            for sampling, fn in (("exact", recipe_one), ("keyframe", recipe_keyframe)):
+                recipe_wall, _ = timed_pool(fn, paths, workers)
+                wall, steady = job(corpus_dir, sampling, f"gop{gop:g}-{sampling}")
+                rows.append((gop, sampling, recipe_wall, wall, steady))
+                print(f"(h) gop {gop:g} s, {sampling}: recipe {recipe_wall:.1f} s, job {wall:.1f} s "
+                      f"(first to last {steady:.1f} s)", flush=True)
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def print_sampling_rows(rows: list[tuple[float, str, float, float, float]], n: int) -> None:
+    print(f"| {'keyframe every':>14} | {'sampling':<8} | {'(e) recipe s':>12} | {'job s':>6} | {'first-to-last s':>15} "
+          f"| {'job videos/s':>12} | {'vs exact: recipe':>16} | {'job':>5} | {'first-to-last':>13} |")
+    print(f"|{'-' * 16}|{'-' * 10}|{'-' * 14}|{'-' * 8}|{'-' * 17}|{'-' * 14}|{'-' * 18}|{'-' * 7}|{'-' * 15}|")
+    exact = {gop: (r, w, st) for gop, mode, r, w, st in rows if mode == "exact"}
+    for gop, mode, recipe_wall, wall, steady in rows:
+        r0, w0, s0 = exact[gop]
+        print(f"| {f'{gop:g} s':>14} | {mode:<8} | {recipe_wall:12.1f} | {wall:6.1f} | {steady:15.1f} | "
+              f"{n / wall:12.2f} | {r0 / recipe_wall:15.2f}x | {w0 / wall:4.2f}x | {s0 / steady:12.2f}x |")
+
+
+def corpus_at(work: Path, gop: float, videos: int, workers: int) -> tuple[Path, list[str]]:
+    """The benchmark corpus with a keyframe every ``gop`` s (generated once into WORK, reused): its folder and
+    its pretraining files."""
+    corpus_dir = work / ("corpus" if gop == GOP_SECONDS else f"corpus-gop{gop:g}")
+    try:
+        corpus = load_corpus(corpus_dir)
+        gops = {v["gop"] for v in corpus.of_kind("pretrain")}
+        if len(corpus.of_kind("pretrain")) != videos or gops != {max(1, round(gop * FPS))}:
+            raise FileNotFoundError
+    except FileNotFoundError:
+        shutil.rmtree(corpus_dir, ignore_errors=True)
+        corpus = generate_corpus(corpus_dir, videos, seed=0, size=(640, 360), fps=FPS, duration=(10.0, 30.0),
+                                 gop_seconds=gop, workers=workers)
+    return corpus_dir, [str(corpus.path(v)) for v in corpus.of_kind("pretrain")]
 
 
 def timed_job(corpus: Path, out: Path, workers: int) -> tuple[float, float, float, dict]:
@@ -304,24 +377,22 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/bench_preprocess")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--gop", type=float, default=GOP_SECONDS, help="keyframe interval of the corpus, seconds")
-    p.add_argument("--rows", choices=("all", "faults"), default="all", help="faults: only (f) and (g)")
+    p.add_argument("--rows", choices=("all", "faults", "sampling"), default="all",
+                   help="faults: only (f) and (g); sampling: only (h)")
     p.add_argument("--fault-rate", type=float, default=0.01, help="(g): share of requests the proxy fails")
+    p.add_argument("--gops", default="0.5,2,10", help="(h): keyframe intervals of its corpora, seconds")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
-    corpus_dir = work / ("corpus" if args.gop == GOP_SECONDS else f"corpus-gop{args.gop:g}")
-    try:
-        corpus = load_corpus(corpus_dir)
-        gops = {v["gop"] for v in corpus.of_kind("pretrain")}
-        if len(corpus.of_kind("pretrain")) != args.videos or gops != {max(1, round(args.gop * FPS))}:
-            raise FileNotFoundError
-    except FileNotFoundError:
-        shutil.rmtree(corpus_dir, ignore_errors=True)
-        corpus = generate_corpus(corpus_dir, args.videos, seed=0, size=(640, 360), fps=FPS, duration=(10.0, 30.0),
-                                 gop_seconds=args.gop, workers=args.workers)
-    paths = [str(corpus.path(v)) for v in corpus.of_kind("pretrain")]
+    n, w = args.videos, args.workers
+    if args.rows == "sampling":
+        rows = timed_sampling(work, n, [float(g) for g in args.gops.split(",")], w)
+        print(f"\n{n} videos per corpus, 640x360 {FPS} fps, 10-30 s; {w} cores\n")
+        print_sampling_rows(rows, n)
+        return
+    corpus_dir, paths = corpus_at(work, args.gop, n, w)
+    corpus = load_corpus(corpus_dir)
     seconds = sum(v["duration"] for v in corpus.of_kind("pretrain"))
-    n, w = len(paths), args.workers
     if args.rows == "faults":
         print(f"\ncorpus: {n} videos, {seconds:.0f} s of video; {w} cores\n")
         print_fault_rows(timed_s3_jobs(corpus_dir, w, args.fault_rate), n, seconds)

@@ -69,6 +69,11 @@ class StageSettings:
         return int(self.limits.decoder_memory_gib * 1024**3)
 
     @property
+    def sampling(self) -> str:
+        """Which frames the decoder takes (``tvlt_core.clips.SAMPLING``): grounding is always exact."""
+        return self.clips.sampling if self.mode == "pretrain" else "exact"
+
+    @property
     def resize(self) -> FrameResize:
         """How the decoder child sizes frames: TVLT's centre crop, or TVP's longest edge (the loader pads)."""
         if self.mode == "grounding":
@@ -279,7 +284,8 @@ class DecodeStage:
         start = time.perf_counter()
         # Resized in the child (the resize's time is inside decode_frames): full-size frames never cross the pipe.
         out = self.sandbox.call_with_retry("decode_frames", path=path, times=times, resize=self.settings.resize,
-                                           frame_size=(info["height"], info["width"]))
+                                           frame_size=(info["height"], info["width"]), sampling=self.settings.sampling,
+                                           windows=[[c.start, c.end] for c in seg])  # fmt: skip
         timing = {"decode_frames": time.perf_counter() - start}
         out.update(audio=None, audio_rate=0, audio_error="")
         if want_audio:

@@ -27,9 +27,9 @@ from PIL import Image
 from fixtures.odd_media import MARKER, write_all, write_video
 
 from jobs.preprocess import EXIT_HELD, main
-from pipelines import clips
 from pipelines.lease import LEASE_NAME
 from tvlt_core import audio as tvlt_audio
+from tvlt_core import clips
 from tvlt_core import shards
 from tvlt_core import video as tvlt_video
 
@@ -262,6 +262,50 @@ def test_shard_bytes_go_from_the_workers_to_the_store_without_passing_through_th
     shard_bytes = sum(s.bytes for s in shards.load_manifest(str(out)).shards)
     assert shard_bytes == sum(s.bytes for s in shards.load_manifest(str(clean_run[0])).shards) > 1_000_000
     assert moved["wchar"] < 0.2 * shard_bytes and moved["rchar"] < 0.5 * shard_bytes, (moved, shard_bytes)
+
+
+def reference_keyframe_times(path: str) -> np.ndarray:
+    """Presentation times of the file's keyframes, as PyAV's decoder flags them (not decord's index)."""
+    with av.open(path) as container:
+        return np.array([float(f.time) for f in container.decode(video=0) if f.key_frame])
+
+
+def test_keyframe_sampling_stores_each_clips_keyframe_nearest_its_instants(ray_cluster, tmp_path):
+    from pipelines.synthetic import generate_corpus
+
+    corpus = generate_corpus(tmp_path / "corpus", n_pretrain=2, seed=5, size=(320, 240), duration=(4.0, 5.0),
+                             gop_seconds=0.5, workers=1)  # fmt: skip
+    out = tmp_path / "keyframe"
+    assert main([*TINY, "--input", str(tmp_path / "corpus" / "pretrain"), "--output", str(out),
+                 "--clips.sampling", "keyframe"]) == 0  # fmt: skip
+    manifest = shards.Manifest.from_json((out / "manifest.json").read_text())
+    assert manifest.recipe["frame_sampling"] == "keyframe-nearest-segment-centre"
+    samples = read_back(out)
+    assert len(samples) == sum(len(clips.windows(v["duration"], 2.0, 2.0, 0.5)) for v in corpus.videos) > 0
+    moved = 0
+    for sample in samples.values():
+        rec = sample.record
+        path = rec["uri"]
+        ref_frames, ref_times = reference_frames(path)
+        key_times = reference_keyframe_times(path)
+        inside = key_times[(key_times >= rec["start"] - 1e-6) & (key_times < rec["end"] - 1e-6)]
+        assert len(inside) >= 2  # a keyframe every 0.5 s (the last clip may be short)
+        for got, t, stored_t in zip(sample.frames.astype(np.int16), clips.frame_times(
+                clips.Clip(rec["clip"], rec["start"], rec["end"]), 8), rec["frame_times"], strict=True):
+            distance = np.abs(inside - t)
+            want_t = inside[np.flatnonzero(distance <= distance.min() + 1e-6)[0]]  # the earlier one on a tie
+            assert stored_t == pytest.approx(want_t, abs=1e-3)
+            want = ref_frames[int(np.argmin(np.abs(ref_times - want_t)))]
+            want = tvlt_video.resize_center_crop(want, 224).astype(np.int16)
+            err = np.abs(got - want).mean()
+            assert err < 3.0, f"{path} t={t:.3f}: mean error {err:.2f} against the keyframe at {want_t:.3f} s"
+            exact = int(np.searchsorted(ref_times, t + 1e-6, side="right") - 1)
+            if abs(ref_times[exact] - want_t) > 1e-3:
+                moved += 1
+                near = tvlt_video.resize_center_crop(ref_frames[exact], 224).astype(np.int16)
+                if np.abs(near - want).mean() > 2.0:  # the exact frame looks different: the stored one is the key
+                    assert err < np.abs(got - near).mean()
+    assert moved > 0  # some instants do fall between keyframes, so the mode did choose other frames
 
 
 def test_grounding_mode_stores_48_frames_once_per_video_with_all_its_queries(ray_cluster, synthetic_corpus, tmp_path):

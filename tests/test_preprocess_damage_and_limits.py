@@ -20,9 +20,10 @@ import pytest
 from fixtures.odd_media import bit_rot, damage_packets, write_cheap_long, write_video
 
 from jobs.preprocess import main
-from pipelines import clips, reader
+from pipelines import reader
 from pipelines.config import LimitConfig
 from pipelines.sandbox import Sandbox, SandboxError
+from tvlt_core import clips
 from tvlt_core import shards
 from tvlt_core.resize import FrameResize
 from tvlt_core.video import resize_center_crop

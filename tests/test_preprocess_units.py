@@ -15,7 +15,8 @@ from fixtures.processes import Killer
 
 from jobs.config import ConfigError, parse
 from jobs.preprocess import main
-from pipelines import clips, state, writer
+from pipelines import state, writer
+from tvlt_core import clips
 from pipelines.config import MAX_CLIP_S, PreprocessConfig, SourceConfig, StorageConfig
 from pipelines.config import AudioConfig, ClipConfig, GroundingConfig
 from pipelines.failures import RetryPolicy
@@ -49,6 +50,20 @@ def test_frame_instants_and_indices_follow_presentation_times():
     assert clips.sample_range(clip, 100, offset=0.5) == (150, 350)
 
 
+def test_keyframe_sampling_takes_the_nearest_keyframe_inside_the_clip():
+    starts = np.arange(90) / 30.0  # 3 s at 30 fps, keyframes every 0.5 s and one late one
+    keys = np.array([0, 15, 30, 45, 60, 75, 80])
+    instants = clips.frame_times(clips.Clip(0, 0.0, 2.0), 8)  # 0.125, 0.375, ..., 1.875
+    assert clips.keyframe_indices(instants, starts, keys, (0.0, 2.0)).tolist() == [0, 15, 15, 30, 30, 45, 45, 45]
+    # only the clip's own keyframes count: 1.875 would be nearest the one at 2.0 s, outside [0, 2)
+    # a tie (0.25 s from 0.0 and from 0.5) takes the earlier keyframe
+    assert clips.keyframe_indices(np.array([0.25, 1.1]), starts, keys, (0.0, 2.0)).tolist() == [0, 30]
+    # no keyframe inside the window: the exact frames
+    window = clips.Clip(0, 2.55, 2.65)
+    inside = clips.frame_times(window, 2)
+    assert clips.keyframe_indices(inside, starts, keys, (2.55, 2.65)).tolist() == clips.frame_indices(inside, starts).tolist()
+
+
 # ------------------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("argv, names", [
     (["--clips.length_s", "30"], ["clips.length_s", f"{MAX_CLIP_S:.3f}"]),
@@ -66,6 +81,9 @@ def test_frame_instants_and_indices_follow_presentation_times():
     (["--lease.ttl_s", "1"], ["lease.ttl_s"]),
     (["--lease.ttl_s", "30", "--lease.renew_s", "20"], ["lease.renew_s", "lease.ttl_s / 3 = 10"]),
     (["--lease.renew_s", "0"], ["lease.renew_s"]),
+    (["--clips.sampling", "sparse"], ["clips.sampling", "exact", "keyframe"]),
+    (["--mode", "grounding", "--grounding.annotations", "[a.txt]", "--clips.sampling", "keyframe"],
+     ["clips.sampling", "grounding samples exact frames"]),
 ])
 def test_bad_settings_fail_before_any_work_naming_the_setting(argv, names, tmp_path):
     with pytest.raises(ConfigError) as err:
@@ -281,6 +299,17 @@ def test_an_output_folder_refuses_a_second_recipe():
     other = PreprocessConfig(input="/in", output="/out", clips=type(cfg.clips)(length_s=5.0, stride_s=5.0))
     with pytest.raises(state.RecipeMismatch, match="clips"):
         state.check_recipe(m, "pretrain", other.recipe(), "/out")
+
+
+def test_keyframe_sampling_has_its_own_recipe_and_exact_keeps_the_old_one():
+    exact = PreprocessConfig(input="/in", output="/out")
+    keyframe = PreprocessConfig(input="/in", output="/out", clips=type(exact.clips)(sampling="keyframe"))
+    assert exact.recipe()["frame_sampling"] == "segment-centre"  # as before the setting: old shards stay valid
+    assert keyframe.recipe()["frame_sampling"] == "keyframe-nearest-segment-centre"
+    assert shards.recipe_hash(keyframe.recipe()) != shards.recipe_hash(exact.recipe())
+    m = shards.Manifest(mode="pretrain", recipe=exact.recipe(), recipe_hash=shards.recipe_hash(exact.recipe()))
+    with pytest.raises(state.RecipeMismatch, match="frame_sampling"):
+        state.check_recipe(m, "pretrain", keyframe.recipe(), "/out")
 
 
 def test_probe_side_of_the_pipeline_does_not_import_torch():

@@ -9,6 +9,12 @@ becomes the same clips as in the shards) and the tests that recompute samples fr
 
 An instant t maps to the frame on screen at t: the last frame whose presentation time is <= t. Using presentation
 times (not fps * t) keeps variable-frame-rate files right.
+
+Frame sampling (``SAMPLING``, pretraining only):
+    exact       the frame on screen at each instant (``frame_indices``): a decoder decodes from the keyframe before
+                it through every frame up to it.
+    keyframe    the keyframe nearest each instant among the clip's own keyframes (``keyframe_indices``): nothing
+                between keyframes is decoded. A clip holding no keyframe falls back to exact for that clip.
 """
 
 from __future__ import annotations
@@ -65,6 +71,33 @@ def frame_indices(times: np.ndarray, frame_starts: np.ndarray) -> np.ndarray:
     """
     idx = np.searchsorted(frame_starts, np.asarray(times) + _EPS, side="right") - 1
     return np.clip(idx, 0, len(frame_starts) - 1).astype(np.int64)
+
+
+SAMPLING = ("exact", "keyframe")
+
+
+def keyframe_indices(times: np.ndarray, frame_starts: np.ndarray, key_indices: np.ndarray, window: tuple[float, float]
+                     ) -> np.ndarray:
+    """(n,) int64 index of the keyframe nearest each instant (the earlier on a tie), among the keyframes that show
+    within ``window`` = [start, end) s; where no keyframe does, the exact frames (``frame_indices``).
+
+    Args:
+        times: (n,) seconds.
+        frame_starts: (num_frames,) presentation time of each frame in seconds, non-decreasing.
+        key_indices: indices of the keyframes into ``frame_starts``.
+        window: the clip's [start, end) in seconds.
+    """
+    keys = np.sort(np.asarray(key_indices, dtype=np.int64))
+    shown = frame_starts[keys]
+    keys = keys[(shown >= window[0] - _EPS) & (shown < window[1] - _EPS)]
+    if len(keys) == 0:
+        return frame_indices(times, frame_starts)
+    key_times = frame_starts[keys]
+    times = np.asarray(times, dtype=np.float64)
+    after = np.clip(np.searchsorted(key_times, times), 0, len(keys) - 1)
+    before = np.clip(after - 1, 0, len(keys) - 1)
+    nearer_before = np.abs(times - key_times[before]) <= np.abs(key_times[after] - times) + _EPS
+    return np.where(nearer_before, keys[before], keys[after]).astype(np.int64)
 
 
 def sample_range(clip: Clip, sample_rate: int, offset: float = 0.0) -> tuple[int, int]:

@@ -79,13 +79,20 @@ def frame_reader(path: str):
     return reader, starts
 
 
-def frames_at(reader, starts: np.ndarray, times: list[list[float]]) -> dict:
-    """The frames on screen at ``times`` (one list of instants in seconds per clip).
+def frames_at(reader, starts: np.ndarray, times: list[list[float]], sampling: str = "exact",
+              windows: list[tuple[float, float]] | None = None) -> dict:
+    """The frames on screen at ``times`` (one list of instants in seconds per clip); with ``sampling="keyframe"``
+    the keyframe nearest each instant within the clip's ``windows`` entry (``clips.keyframe_indices``).
 
     Returns ``{"frames": [uint8 (T, H, W, 3) per clip], "indices": [[int]], "frame_times": [[float]]}``, H and W
     as displayed (decord applies the display matrix's rotation).
     """
-    per_clip = [clipping.frame_indices(np.asarray(t, dtype=np.float64), starts) for t in times]
+    if sampling == "keyframe":
+        keys = reader.get_key_indices()
+        per_clip = [clipping.keyframe_indices(np.asarray(t, dtype=np.float64), starts, keys, w)
+                    for t, w in zip(times, windows, strict=True)]  # fmt: skip
+    else:
+        per_clip = [clipping.frame_indices(np.asarray(t, dtype=np.float64), starts) for t in times]
     wanted = np.unique(np.concatenate(per_clip))
     batch = reader.get_batch(wanted.tolist()).asnumpy()  # decord seeks to the keyframe before each run of frames
     row = {int(i): k for k, i in enumerate(wanted)}

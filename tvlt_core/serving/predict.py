@@ -65,6 +65,7 @@ class ServingRecipe:
     clip_min_length_s: float = recipe.CLIP_MIN_LENGTH_S
     clip_frames: int = recipe.TVLT_NUM_FRAMES
     clip_size: int = recipe.TVLT_IMAGE_SIZE
+    clip_sampling: str = "exact"  # tvlt_core.clips.SAMPLING
 
     @classmethod
     def from_recipe(cls, values: dict) -> ServingRecipe:
@@ -78,6 +79,7 @@ class ServingRecipe:
             clip_min_length_s=float(clip.get("min_length_s", default.clip_min_length_s)),
             clip_frames=int(clip.get("frames", default.clip_frames)),
             clip_size=int(clip.get("size", default.clip_size)),
+            clip_sampling="keyframe" if values.get("frame_sampling", "").startswith("keyframe") else "exact",
         )  # fmt: skip
 
     @classmethod
@@ -127,12 +129,14 @@ def probe(path: str) -> tuple[float, bool]:
         return duration, bool(container.streams.audio)
 
 
-def decode_clips(path: str, clips: list[clipping.Clip], frames: int) -> list[np.ndarray]:
-    """uint8 (frames, H, W, 3) per clip at the clip's segment centres (``tvlt_core.clips.frame_times``)."""
+def decode_clips(path: str, clips: list[clipping.Clip], frames: int, sampling: str = "exact") -> list[np.ndarray]:
+    """uint8 (frames, H, W, 3) per clip at the clip's segment centres (``tvlt_core.clips.frame_times``), sampled as
+    the shards were (``sampling``)."""
     reader, starts = media.frame_reader(path)
     if len(reader) == 0:
         raise ValueError("decord finds no frames")
-    return media.frames_at(reader, starts, [clipping.frame_times(c, frames).tolist() for c in clips])["frames"]
+    times = [clipping.frame_times(c, frames).tolist() for c in clips]
+    return media.frames_at(reader, starts, times, sampling, [(c.start, c.end) for c in clips])["frames"]
 
 
 # --- the request table ---------------------------------------------------------------------------------------------------
@@ -236,7 +240,7 @@ class ClipEmbeddingPredictor(Predictor):
             clips = clipping.windows(duration, r.clip_length_s, r.clip_stride_s, r.clip_min_length_s)
             if not clips:
                 raise ValueError(f"{duration:.3f} s of video, shorter than one clip ({r.clip_min_length_s} s)")
-            frames = decode_clips(path, clips, r.clip_frames)
+            frames = decode_clips(path, clips, r.clip_frames, r.clip_sampling)
             samples, rate, offset = media.decode_audio(path)
         out = []
         for clip, clip_frames in zip(clips, frames):
