@@ -348,6 +348,8 @@ def _record(row: dict, settings: StageSettings, clip: clipping.Clip, frame_times
            "extra": json.loads(row["extra"]), "clip": clip.index, "start": clip.start, "end": clip.end,
            "frame_times": frame_times, "frames": len(frame_times), "fps": info["fps"], "duration": info["duration"],
            "width": info["width"], "height": info["height"], "rotation": info["rotation"]}
+    if row.get("version_id"):
+        rec["version_id"] = row["version_id"]  # the object version read (only on a version-aware read)
     if settings.mode == "grounding":
         rec["queries"] = json.loads(row["queries"])
         return rec

@@ -264,6 +264,8 @@ def record_sources(manifest: shards.Manifest, gen: shards.Generation, shard: sha
         gen.bytes += shard.bytes
     for row, outcome in outcomes:
         entry = {"size": row["size"], "etag": row["etag"], "mtime": row["mtime"], "generation": gen.id}
+        if row.get("version_id"):  # read by this VersionId (a versioned bucket with storage.version_aware)
+            entry["version_id"] = row["version_id"]
         if row.get("annotations"):
             entry["annotations"] = row["annotations"]
         if "reason" in outcome:

@@ -214,6 +214,50 @@ def test_an_object_rewritten_between_listing_and_reading_is_deferred_then_read_a
     assert max(r["duration"] for r in records) == pytest.approx(longer["duration"], abs=0.1)
 
 
+def test_on_a_versioned_bucket_the_listed_version_is_read_after_the_object_changed(
+        ray_cluster, store, synthetic_corpus, proxy, s3_endpoint, tmp_path):
+    """A list file names an object by its VersionId; the object is rewritten before the job runs. With
+    ``storage.version_aware`` the job reads the listed version (and records it); without, the ETag check defers it."""
+    import boto3
+
+    longer = max(synthetic_corpus.of_kind("pretrain"), key=lambda v: v["duration"])
+    shorter = min(synthetic_corpus.of_kind("pretrain"), key=lambda v: v["duration"])
+    bucket, key = "versioned", "versioned/clip.mp4"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                          region_name="us-east-1")  # fmt: skip
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    store.put_file(str(synthetic_corpus.path(shorter)), key)
+    listed = client.head_object(Bucket=bucket, Key="clip.mp4")
+    listing = tmp_path / "sources.jsonl"
+    listing.write_text(json.dumps({"uri": f"s3://{key}", "size": listed["ContentLength"],
+                                   "etag": listed["ETag"].strip('"'), "version_id": listed["VersionId"]}) + "\n")
+    store.put_file(str(synthetic_corpus.path(longer)), key)  # a new version, after the listing
+    assert client.head_object(Bucket=bucket, Key="clip.mp4")["VersionId"] != listed["VersionId"]
+    proxy.clear()
+
+    def run(output: str, *extra: str) -> int:
+        return main(["--config", "preprocess_tiny", "--mode", "pretrain", "--input", str(listing), "--output",
+                     f"s3://{BUCKET}/{output}", "--storage.endpoint_url", proxy.url, "--storage.aws_access_key_id",
+                     KEY, "--storage.aws_secret_access_key", SECRET, *FAST_FAILURES, *extra])  # fmt: skip
+
+    assert run("out-unversioned") == RUN_FAILED  # the ETag no longer matches: deferred, nothing recorded
+    entry = manifest_of(store, "out-unversioned").sources[f"s3://{key}"]
+    assert (entry["status"], entry["reason"]) == ("deferred", failures.SOURCE_CHANGED)
+
+    assert run("out-versioned", "--storage.version_aware", "true") == 0
+    manifest = manifest_of(store, "out-versioned")
+    entry = manifest.sources[f"s3://{key}"]
+    assert (entry["status"], entry["version_id"], entry["size"]) == ("ok", listed["VersionId"], listed["ContentLength"])
+    records = []
+    for shard in manifest.shards:
+        with tarfile.open(fileobj=io.BytesIO(store.cat_file(f"{BUCKET}/out-versioned/{shard.name}"))) as tar:
+            records += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    assert records and all(r["version_id"] == listed["VersionId"] for r in records)
+    assert max(r["duration"] for r in records) == pytest.approx(shorter["duration"], abs=0.1)  # the listed bytes
+    assert abs(longer["duration"] - shorter["duration"]) > 0.5
+
+
 def test_a_pinned_read_fails_as_source_changed_when_the_object_moves_on(store, s3_endpoint):
     """Opened at the listed ETag, rewritten before the bytes are read: the GET's If-Match fails, never the new
     bytes under the old version; opened with a stale ETag: refused at open."""
