@@ -9,7 +9,9 @@ protocol (a websocket, with aiohttp from the lock): each page is loaded, the scr
 picture is for has rendered, scrolls it into view, and captures. For each registered model holding ``@champion``:
 
     <name>-run-images.png     the training run's "Model metrics" page scrolled to the pictures logged with
-                              log_image: the image cards with their step slider
+                              log_image: the image cards with their step sliders, moved to the last step
+    <name>-run-image.png      the first of those cards opened (its expand button): the picture at that step, large,
+                              above its step slider
     <name>-version.png        the registered version's page: description (the model card), source MLflow model
     <name>-logged-model.png   the version's MLflow model page: its metrics from the evaluation, with the dataset
 
@@ -37,20 +39,30 @@ sys.path.insert(0, str(ROOT))
 from tests.fixtures.servers import free_port, start_http_service, stop_service  # noqa: E402
 
 WIDTH, HEIGHT = 1600, 1300
+SECTION_WAIT_S = 10  # how long a chart section may take to draw once it is in view
 
-# What each page must show before it is captured (a JavaScript expression that is true then), and what to scroll to.
-RUN_IMAGES_READY = """(() => {
-  const slider = document.querySelector('[role="slider"]');
-  const pictures = [...document.querySelectorAll('img')].filter(i => i.complete && i.naturalWidth > 64);
-  return slider !== null && pictures.length > 0;
-})()"""
-SCROLL_TO_SLIDER = """(() => {
-  const slider = document.querySelector('[role="slider"]');
-  slider.scrollIntoView({block: 'center'});
-  window.scrollBy(0, 0);
-  return true;
-})()"""
+# What each page must show before it is captured (a JavaScript expression that is true then).
+CHARTS_READY = "document.body.innerText.includes('Add section')"
 TEXT_READY = "document.body.innerText.includes({text})"
+# The run page draws a section's charts when it scrolls into view: sections are visited from the last one up (the
+# pictures' keys have no prefix, so MLflow puts them in its last, "Model metrics" section) until a step slider shows.
+# Then the box of each slider's track (to click its last step), and the first image card's expand button.
+SECTIONS = "document.querySelectorAll('.du-bois-light-collapse-item').length"
+SCROLL_TO_SECTION = "document.querySelectorAll('.du-bois-light-collapse-item')[{index}].scrollIntoView()"
+SLIDER_SHOWN = "document.querySelector('[role=\"slider\"]') !== null"
+SLIDER_TRACKS = """JSON.stringify([...document.querySelectorAll('[role="slider"]')].map(thumb => {
+  let track = thumb.parentElement;
+  while (track && track.getBoundingClientRect().width < 100) track = track.parentElement;
+  const r = track.getBoundingClientRect();
+  return {x: r.right - 3, y: r.top + r.height / 2};
+}))"""
+EXPAND_BUTTON = """JSON.stringify((() => {
+  let card = document.querySelector('[role="slider"]');
+  while (card && card.querySelectorAll('button').length === 0) card = card.parentElement;
+  const r = card.querySelectorAll('button')[0].getBoundingClientRect();
+  return {x: r.left + r.width / 2, y: r.top + r.height / 2};
+})())"""
+IMAGE_SHOWN = "[...document.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 64)"
 
 
 class Browser:
@@ -73,20 +85,49 @@ class Browser:
         result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result.get("result", {}).get("value")
 
-    async def capture(self, url: str, ready: str, out: Path, *, scroll: str | None, timeout_s: float) -> None:
+    async def open(self, url: str, ready: str, timeout_s: float) -> None:
         await self.call("Page.navigate", url=url)
+        await self.wait_for(ready, timeout_s, url)
+
+    async def wait_for(self, condition: str, timeout_s: float, what: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while not await self.evaluate(ready):
+        while not await self.evaluate(condition):
             if loop.time() > deadline:
-                raise SystemExit(f"{url} did not render within {timeout_s:.0f} s (waited for: {ready.strip()[:200]})")
+                raise SystemExit(f"{what}: not rendered within {timeout_s:.0f} s (waited for: {condition[:200]})")
             await asyncio.sleep(0.5)
-        if scroll:
-            await self.evaluate(scroll)
+
+    async def click(self, x: float, y: float) -> None:
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    async def save(self, out: Path, url: str) -> None:
         await asyncio.sleep(2)  # the charts and images around it finish drawing
         shot = await self.call("Page.captureScreenshot", format="png")
         out.write_bytes(base64.b64decode(shot["data"]))
         print(f"{out}  <- {url}")
+
+    async def run_images(self, url: str, out: Path, expanded: Path, timeout_s: float) -> None:
+        """The run's image cards at their last step, then the first one opened large."""
+        await self.open(url, CHARTS_READY, timeout_s)
+        for index in reversed(range(await self.evaluate(SECTIONS))):
+            await self.evaluate(SCROLL_TO_SECTION.format(index=index))
+            try:
+                await self.wait_for(SLIDER_SHOWN, SECTION_WAIT_S, "")
+                break
+            except SystemExit:
+                continue
+        else:
+            raise SystemExit(f"{url}: no section shows an image with a step slider (were pictures logged?)")
+        await asyncio.sleep(2)
+        for track in json.loads(await self.evaluate(SLIDER_TRACKS)):
+            await self.click(track["x"], track["y"])  # the right end of the track: the last step logged
+            await asyncio.sleep(0.5)
+        await self.save(out, url)
+        button = json.loads(await self.evaluate(EXPAND_BUTTON))
+        await self.click(button["x"], button["y"])
+        await self.wait_for(IMAGE_SHOWN, timeout_s, f"{url}, the expanded image card")
+        await self.save(expanded, url)
 
 
 def start_chromium(chromium: str, port: int, profile: str) -> subprocess.Popen:
@@ -96,7 +137,7 @@ def start_chromium(chromium: str, port: int, profile: str) -> subprocess.Popen:
                               f"http://127.0.0.1:{port}/json/version", Path(profile) / "chromium.log", timeout_s=60)  # fmt: skip
 
 
-async def take(pages: list[tuple[str, str, Path, str | None]], devtools_port: int, timeout_s: float) -> None:
+async def take(pages: list[tuple], devtools_port: int, timeout_s: float) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{devtools_port}/json/list") as reply:
             targets = [t for t in await reply.json() if t["type"] == "page"]
@@ -105,11 +146,16 @@ async def take(pages: list[tuple[str, str, Path, str | None]], devtools_port: in
             await browser.call("Page.enable")
             await browser.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT,
                                deviceScaleFactor=1, mobile=False)  # fmt: skip
-            for url, ready, out, scroll in pages:
-                await browser.capture(url, ready, out, scroll=scroll, timeout_s=timeout_s)
+            for kind, url, *outs in pages:
+                if kind == "run":
+                    await browser.run_images(url, *outs, timeout_s=timeout_s)
+                else:
+                    await browser.open(url, kind, timeout_s)
+                    await browser.save(outs[0], url)
 
 
-def pages_to_take(store: str, base: str, out: Path, alias: str) -> list[tuple[str, str, Path, str | None]]:
+def pages_to_take(store: str, base: str, out: Path, alias: str) -> list[tuple]:
+    """(what to wait for, or "run" for the run page's steps; url; output files) for every model holding ``alias``."""
     from mlflow import MlflowClient
 
     from tvlt_core.tracking import logged_model_id
@@ -122,15 +168,14 @@ def pages_to_take(store: str, base: str, out: Path, alias: str) -> list[tuple[st
         version = client.get_model_version_by_alias(model.name, alias)
         run = client.get_run(version.run_id)
         experiment = run.info.experiment_id
-        pages.append((f"{base}/experiments/{experiment}/runs/{run.info.run_id}/model-metrics", RUN_IMAGES_READY,
-                      out / f"{model.name}-run-images.png", SCROLL_TO_SLIDER))  # fmt: skip
-        pages.append((f"{base}/models/{model.name}/versions/{version.version}",
-                      TEXT_READY.format(text=json.dumps(f"Version {version.version}")),
-                      out / f"{model.name}-version.png", None))  # fmt: skip
+        pages.append(("run", f"{base}/experiments/{experiment}/runs/{run.info.run_id}/model-metrics",
+                      out / f"{model.name}-run-images.png", out / f"{model.name}-run-image.png"))  # fmt: skip
+        pages.append((TEXT_READY.format(text=json.dumps(f"Version {version.version}")),
+                      f"{base}/models/{model.name}/versions/{version.version}", out / f"{model.name}-version.png"))
         model_id = logged_model_id(version)
         if model_id:
-            pages.append((f"{base}/experiments/{experiment}/models/{model_id}",
-                          TEXT_READY.format(text=json.dumps("Metrics")), out / f"{model.name}-logged-model.png", None))
+            pages.append((TEXT_READY.format(text=json.dumps("Metrics")),
+                          f"{base}/experiments/{experiment}/models/{model_id}", out / f"{model.name}-logged-model.png"))
     if not pages:
         raise SystemExit(f"no registered model in {store} holds @{alias}: run the main job first")
     return pages
