@@ -450,7 +450,7 @@ class Job:
                      len(state.committed_in(manifest, gen.id)), gen.inputs)
 
         # Rewritten shards take indices 0..len(rewrite)-1; packed shards follow, continuing after a restart.
-        taken = [int(s.name[-9:-4]) for s in manifest.shards if s.generation == gen.id]
+        taken = [shards.shard_index(s.name) for s in manifest.shards if s.generation == gen.id]
         first_index = max([len(plan.rewrite)] + [i + 1 for i in taken])
         packer = Packer(rows, first_index, cfg.shards.target_bytes, commit, start_shard)
         dataset = build_dataset(rows, settings, cfg.resources)

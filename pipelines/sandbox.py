@@ -5,7 +5,7 @@ dies takes its whole batch and, after Ray's retries, the job with it. So the dec
 child (``python -m pipelines.sandbox``) per actor and send it one request at a time over a pipe:
 
     parent (Ray actor)                                child (this module's ``main``)
-    call("decode_segment", path=..., ...)  -- pickle -->   reader.SANDBOXED["decode_segment"](**kwargs)
+    call("decode_frames", path=..., ...)   -- pickle -->   reader.SANDBOXED["decode_frames"](**kwargs)
                                            <-- pickle --   ("ok", result) | ("error", type, message, reason)
 
 The child may run under a memory limit (``limit_memory``): an input whose decoding fails an allocation under it

@@ -129,7 +129,7 @@ class Output:
         return join(self.url, name)
 
     def work_url(self, generation: int) -> str:
-        return self.path(f"{WORK_DIR}/gen-{generation:06d}")
+        return self.path(f"{WORK_DIR}/{shards.generation_folder(generation)}")
 
     def plan_url(self, generation: int) -> str:
         return f"{self.work_url(generation)}/plan.json"
@@ -190,7 +190,7 @@ class Output:
         """Delete what a killed run left that no manifest lists: temporaries and this generation's shards."""
         self.check_lease()
         listed = {s.name for s in manifest.shards}
-        prefix = f"shard-{generation:06d}-"
+        prefix = shards.shard_prefix(generation)
         orphans = []
         for url in writer.list_files(self.url, self.options):
             name = url.rsplit("/", 1)[1]
@@ -226,7 +226,7 @@ def check_recipe(manifest: shards.Manifest, mode: str, recipe: dict, url: str) -
 
 def begin(manifest: shards.Manifest, plan: Plan) -> shards.Generation:
     gen = shards.Generation(id=plan.generation, started=now(), inputs=len(plan.sources),
-                            plan=f"{WORK_DIR}/gen-{plan.generation:06d}/plan.json")
+                            plan=f"{WORK_DIR}/{shards.generation_folder(plan.generation)}/plan.json")
     manifest.generations.append(gen)
     return gen
 

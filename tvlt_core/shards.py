@@ -57,7 +57,22 @@ def source_id(uri: str) -> str:
 
 def shard_name(generation: int, index: int) -> str:
     """Stable shard file name: the generation that wrote it and its index within that generation."""
-    return f"shard-{generation:06d}-{index:05d}.tar"
+    return f"{shard_prefix(generation)}{index:05d}.tar"
+
+
+def shard_prefix(generation: int) -> str:
+    """What every shard name of ``generation`` starts with."""
+    return f"shard-{generation:06d}-"
+
+
+def shard_index(name: str) -> int:
+    """The index within its generation of a shard named by ``shard_name``."""
+    return int(name[-len("00000.tar") : -len(".tar")])
+
+
+def generation_folder(generation: int) -> str:
+    """The name of a generation's work folder (its plan and spooled parts) under the output's ``_work/``."""
+    return f"gen-{generation:06d}"
 
 
 def sample_key(uri: str, clip_index: int) -> str:

@@ -21,8 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from tvlt_core import resize
-from tvlt_core.recipe import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES  # noqa: F401  (re-exported)
-from tvlt_core.resize import resize_longest_edge  # noqa: F401  (re-exported: what grounding shards store)
+from tvlt_core.recipe import TVLT_IMAGE_SIZE
 
 # ----------------------------------------------------------------------------------------------------- TVLT
 
@@ -99,13 +98,15 @@ def pad_videos(
 
 
 # ----------------------------------------------------------------------------------------------------- TVP
-# What ``TvpImageProcessor`` does with its defaults (``Intel/tvp-base``), split like TVLT's so shards can hold
-# ready-sized uint8 frames:
+# What ``TvpImageProcessor`` does with its defaults (``Intel/tvp-base``), split so shards can hold ready-sized
+# uint8 frames without their padding:
 #
 #     frames uint8 (T, H, W, 3) RGB, any size
-#       -> tvp_resize_pad: longest edge to S with PIL bilinear (short edge int(S * short / long)), then zero-pad to
-#          S x S with the image centred (top/left margin = ceil(half the margin): the reference's centre crop pads
-#          an image smaller than its crop)                               -> uint8 (T, S, S, 3)   [preprocessing]
+#       -> resize_longest_edge: longest edge to S with PIL bilinear (short edge int(S * short / long))
+#                                                                        -> uint8 (T, h, w, 3)    [preprocessing]
+#       -> tvp_resize_pad: the same resize (a no-op on stored frames), then zero-pad to S x S with the image centred
+#          (top/left margin = ceil(half the margin): the reference's centre crop pads an image smaller than its
+#          crop)                                                         -> uint8 (T, S, S, 3)    [loading]
 #       -> tvp_normalize: x / 255, (x - 0.5) / 0.5, RGB -> BGR           -> float32 (T, 3, S, S)  [loading]
 #
 # Padding with 0 before normalising is what makes the border -1, as in the reference; the flip to BGR is what

@@ -201,7 +201,7 @@ class GroundingPredictor(Predictor):
         with media.local_video(uri) as path:
             duration, _ = probe(path)
             (frames,) = decode_clips(path, [clipping.whole(duration)], self.recipe.grounding_frames)
-        from tvlt_core.video import resize_longest_edge
+        from tvlt_core.resize import resize_longest_edge
 
         stored = as_stored(resize_longest_edge(frames, self.recipe.grounding_size), self.recipe.jpeg_quality)
         return duration, self.evaluator.pixels(stored)
