@@ -326,7 +326,7 @@ def decode_frames(path: str, times: list[list[float]], resize: FrameResize | Non
     """Decode the frames on screen at ``times`` (one list of instants in seconds per clip), resized by ``resize``;
     ``frame_size`` (height, width, from the probe) sizes the batches and the memory check (``check_fits``).
     ``sampling="keyframe"`` decodes instead the keyframe nearest each instant within the clip's ``windows`` entry
-    ([start, end] s; ``tvlt_core.clips.keyframe_indices``): decord then seeks to each and decodes nothing between.
+    ([start, end] s; ``tvlt_core.media.sampled_indices``): decord then seeks to each and decodes nothing between.
 
     Returns ``{"frames": [uint8 (T, h, w, 3) per clip, or None for a lost clip], "indices": [[int]],
     "frame_times": [[float]], "lost": {clip position: [reason, error]}}``, frames as displayed (decord applies
@@ -338,12 +338,7 @@ def decode_frames(path: str, times: list[list[float]], resize: FrameResize | Non
     check_fits(*frame_size)
     per_batch = batch_frames(*frame_size)
     reader, starts = _reader(path)
-    if sampling == "keyframe":
-        keys = reader.get_key_indices()
-        per_clip = [clipping.keyframe_indices(np.asarray(t, dtype=np.float64), starts, keys, (w[0], w[1]))
-                    for t, w in zip(times, windows, strict=True)]  # fmt: skip
-    else:
-        per_clip = [clipping.frame_indices(np.asarray(t, dtype=np.float64), starts) for t in times]
+    per_clip = media.sampled_indices(reader, starts, times, sampling, windows)
     frames, lost = [], {}
     for k, idx in enumerate(per_clip):
         reader, _ = _reader(path)

@@ -5,6 +5,7 @@ audio its shards were made of.
     local_video(uri)                 -> a local path decord and PyAV open (remote objects downloaded once)
     stream_duration(container, vs)   -> seconds, from the stream, else the container, else frames / fps
     frame_reader(path)               -> (decord reader, (N,) presentation time of every frame in seconds)
+    sampled_indices(reader, starts, times, sampling, windows) -> per clip the frame indices to decode (exact/keyframe)
     frames_at(reader, starts, times) -> per clip uint8 (T, H, W, 3) RGB at source resolution, decord's rotation
     decode_audio(path)               -> float32 mono samples at the track's own rate, and the time of sample 0
 
@@ -79,6 +80,18 @@ def frame_reader(path: str):
     return reader, starts
 
 
+def sampled_indices(reader, starts: np.ndarray, times: list[list[float]], sampling: str = "exact",
+                    windows: list[tuple[float, float]] | None = None) -> list[np.ndarray]:
+    """Per clip, the indices of the frames to decode for its instants ``times``: the frames on screen
+    (``clips.frame_indices``), or with ``sampling="keyframe"`` the keyframes nearest them within the clip's
+    ``windows`` entry (``clips.keyframe_indices``, the reader's keyframe index)."""
+    if sampling == "keyframe":
+        keys = reader.get_key_indices()
+        return [clipping.keyframe_indices(np.asarray(t, dtype=np.float64), starts, keys, (w[0], w[1]))
+                for t, w in zip(times, windows, strict=True)]  # fmt: skip
+    return [clipping.frame_indices(np.asarray(t, dtype=np.float64), starts) for t in times]
+
+
 def frames_at(reader, starts: np.ndarray, times: list[list[float]], sampling: str = "exact",
               windows: list[tuple[float, float]] | None = None) -> dict:
     """The frames on screen at ``times`` (one list of instants in seconds per clip); with ``sampling="keyframe"``
@@ -87,12 +100,7 @@ def frames_at(reader, starts: np.ndarray, times: list[list[float]], sampling: st
     Returns ``{"frames": [uint8 (T, H, W, 3) per clip], "indices": [[int]], "frame_times": [[float]]}``, H and W
     as displayed (decord applies the display matrix's rotation).
     """
-    if sampling == "keyframe":
-        keys = reader.get_key_indices()
-        per_clip = [clipping.keyframe_indices(np.asarray(t, dtype=np.float64), starts, keys, w)
-                    for t, w in zip(times, windows, strict=True)]  # fmt: skip
-    else:
-        per_clip = [clipping.frame_indices(np.asarray(t, dtype=np.float64), starts) for t in times]
+    per_clip = sampled_indices(reader, starts, times, sampling, windows)
     wanted = np.unique(np.concatenate(per_clip))
     batch = reader.get_batch(wanted.tolist()).asnumpy()  # decord seeks to the keyframe before each run of frames
     row = {int(i): k for k, i in enumerate(wanted)}
