@@ -75,7 +75,11 @@ class JobSection:
     """One job of the pipeline: its preset and any extra command-line overrides (``["--optim.lr", "1e-3"]``)."""
 
     config: str = ""
-    args: list[str] = field(default_factory=list)
+    # Numbers are taken as typed: '[--schedule.max_steps, 10]' reads 10 as a YAML int, and the job's argv wants text.
+    args: list[str | int | float] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.args = [str(a) for a in self.args]
 
 
 @dataclass

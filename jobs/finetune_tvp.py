@@ -81,9 +81,24 @@ class TextSection:
 
 
 @dataclass
+class AidsSection:
+    """From-scratch aids: training help outside the reference recipe, for runs without pretrained backbones (off by
+    default: the tvp_base and tvp_tiny presets are the reference recipe). See ``tvlt_core.models.tvp_aids``."""
+
+    # Weight of the word-segment loss: the visual tokens predict, for each token found in exactly one of the
+    # video's sentences, that sentence's segment (0 = off). Only training uses it; exports hold no trace of it.
+    word_segment_weight: float = 0.0
+
+    def __post_init__(self):
+        if not self.word_segment_weight >= 0:
+            raise ValueError(f"aids.word_segment_weight must be >= 0 (0 = off), got {self.word_segment_weight}")
+
+
+@dataclass
 class FinetuneConfig(TrainingConfig):
     model: TvpModelSection = field(default_factory=TvpModelSection)
     text: TextSection = field(default_factory=TextSection)
+    aids: AidsSection = field(default_factory=AidsSection)
     tracking: TrackingConfig = field(
         default_factory=lambda: TrackingConfig(experiment="tvp-grounding", registered_model="tvp-grounding")
     )
@@ -136,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     task = TvpGroundingTask(
         model_config=cfg.model.build(vocab_size=tokenizer.vocab_size), tokenizer_dir=f"{folder}/tokenizer",
         max_text_length=cfg.text.max_text_length, init_from=cfg.checkpoint.init_from,
+        word_segment_weight=cfg.aids.word_segment_weight,
     )  # fmt: skip
     files = {"config.yaml": dump(cfg).encode()}
     job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files, pinned=data)

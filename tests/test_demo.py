@@ -84,3 +84,13 @@ def test_a_corpus_from_an_older_generator_is_made_again(tmp_path):
     made = json.loads((tmp_path / CORPUS_JSON).read_text())
     (tmp_path / CORPUS_JSON).write_text(json.dumps({**made, "format_version": FORMAT_VERSION - 1}))
     assert demo._same_corpus(tmp_path, 3, {"pretrain": 1}, options) is None  # same seed, other files: not reused
+
+
+def test_job_overrides_are_taken_as_typed():
+    """README's shrink example writes numbers unquoted ('[--schedule.max_steps, 50]'); YAML reads 50 as an int, and
+    the main job refused it ("Expected a <class 'str'>") until the overrides accepted numbers."""
+    from jobs.config import parse
+
+    cfg = parse(demo.DemoConfig, ["--pretrain.args", "[--schedule.max_steps, 50, --optim.lr, 1e-3]"], prog="demo")
+    assert cfg.pretrain.args == ["--schedule.max_steps", "50", "--optim.lr", "0.001"]
+    assert parse(demo.DemoConfig, [], prog="demo").evaluate.args == ["--parallel.actors", "2"]

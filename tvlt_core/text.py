@@ -138,6 +138,11 @@ class TextTokenizer:
             "attention_mask": torch.tensor([e.attention_mask for e in batch], dtype=torch.long),
         }
 
+    def word_ids(self, sentence: str) -> set[int]:
+        """The ids of the sentence's own tokens: no [CLS], [SEP], [PAD] or [UNK] (truncated as ``__call__`` does)."""
+        special = {self.tokenizer.token_to_id(t) for t in (PAD, CLS, SEP, UNK)}
+        return set(self.tokenizer.encode(sentence).ids) - special
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 

@@ -18,6 +18,8 @@ TVP grounding (``TvpBatcher``), per batch::
     attention_mask      (B, L) int64
     labels              (B, 3) float32                         duration, start, end in seconds
     keys, sentences     list[str]
+    word_segments       (B, V, 2) float32                      with ``word_segments=True`` (the from-scratch aid,
+    word_segment_mask   (B, V) float32                          ``tvlt_core.models.tvp_aids``): V = vocabulary size
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tvlt_core import audio, video
+from tvlt_core.models.tvp_aids import word_segment_targets
 from tvlt_core.text import TextTokenizer
 from tvlt_core.shards import DecodedSample, key_source
 
@@ -124,6 +127,7 @@ class TvpBatcher:
     tokenizer: TextTokenizer
     image_size: int
     num_frames: int
+    word_segments: bool = False  # also each video's per-token segments (the word-segment aid's targets)
 
     def prepare(self, sample: DecodedSample, rng: random.Random) -> dict[str, Any]:
         queries = sample.record.get("queries") or []
@@ -131,16 +135,24 @@ class TvpBatcher:
             raise KeyError("queries: not a grounding sample (were the shards made with --mode grounding?)")
         query = queries[rng.randrange(len(queries))]
         frames = sample.frames[uniform_indices(len(sample.frames), self.num_frames, repeat=True)]
-        return {
+        duration = float(sample.record["duration"])
+        item = {
             "key": sample.key,
             "pixels": video.tvp_preprocess(frames, self.image_size),
             "sentence": query["sentence"],
-            "label": [float(sample.record["duration"]), float(query["start"]), float(query["end"])],
+            "label": [duration, float(query["start"]), float(query["end"])],
         }
+        if self.word_segments:
+            item["word_segments"] = word_segment_targets(
+                [self.tokenizer.word_ids(q["sentence"]) for q in queries],
+                [(float(q["start"]) / duration, float(q["end"]) / duration) for q in queries],
+                self.tokenizer.vocab_size,
+            )  # fmt: skip
+        return item
 
     def collate(self, items: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
         text = self.tokenizer([it["sentence"] for it in items])
-        return {
+        batch = {
             "pixel_values": torch.stack([it["pixels"] for it in items]),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
@@ -148,3 +160,7 @@ class TvpBatcher:
             "keys": [it["key"] for it in items],
             "sentences": [it["sentence"] for it in items],
         }
+        if self.word_segments:
+            batch["word_segments"] = torch.stack([it["word_segments"][0] for it in items])
+            batch["word_segment_mask"] = torch.stack([it["word_segments"][1] for it in items])
+        return batch

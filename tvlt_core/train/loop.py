@@ -400,7 +400,7 @@ class Trainer:
                 files = {**self.task.export_files(), "README.md": card.encode()}
                 if self.s.dataset is not None and self.s.dataset.recipe:  # how serving turns a video into inputs
                     files[PREPROCESSING_NAME] = json.dumps(dict(self.s.dataset.recipe), indent=1, sort_keys=True).encode()
-                write_folder(folder, self.task.export_config(model), state, files)
+                write_folder(folder, self.task.export_config(model), self.task.export_state(state), files)
                 version = self.tracker.export_model(
                     folder, registered_model=self.s.tracking.registered_model, aliases=self.s.tracking.aliases,
                     description=card, artifact_path=artifact_path, step=self.step,

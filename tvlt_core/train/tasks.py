@@ -6,6 +6,7 @@ tracking) is shared. A task is a small picklable object the job builds and Ray s
     forward(model, batch, device)  -> (loss, {metric name: scalar tensor}, model output)
     artifacts(model, batch, output)-> {name: uint8 image array (logged with log_image at the step) or file bytes}
     export_config(model), export_files() -> config.json dict and extra files of the Hugging Face folder
+    export_state(state)            -> the gathered weights as the exported folder holds them
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tvlt_core.data.batches import TvltBatcher, TvpBatcher
 from tvlt_core.data.stream import Batcher
 from tvlt_core.models.tvlt import TvltConfig, TvltForPreTraining, patchify_audio, patchify_pixels
 from tvlt_core.models.tvp import TvpConfig, TvpForVideoGrounding
+from tvlt_core.models.tvp_aids import TvpForGroundingWithAids
 from tvlt_core.text import TextTokenizer
 from tvlt_core.video import tvp_logits_to_seconds
 
@@ -47,6 +49,8 @@ class Task(Protocol):
     def export_config(self, model: nn.Module) -> dict[str, Any]: ...
 
     def export_files(self) -> dict[str, bytes]: ...
+
+    def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 def to_device(batch: dict[str, Any], names: list[str], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -144,6 +148,9 @@ class TvltPretrainTask:
     def export_files(self) -> dict[str, bytes]:
         return {}
 
+    def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state
+
 
 # --- TVP: temporal grounding -------------------------------------------------------------------------------------------
 @dataclass
@@ -152,6 +159,9 @@ class TvpGroundingTask:
     tokenizer_dir: str = ""  # folder with tokenizer.json / vocab.txt (the job fills it in)
     max_text_length: int = 32
     init_from: str = ""
+    # From-scratch aid (tvlt_core.models.tvp_aids; 0 = off, the reference recipe): the weight of the word-segment
+    # loss added to the grounding loss.
+    word_segment_weight: float = 0.0
     name: str = "tvp-grounding"
     data_mode: str = "grounding"
 
@@ -159,9 +169,16 @@ class TvpGroundingTask:
         return TextTokenizer.from_folder(self.tokenizer_dir, self.max_text_length)
 
     def build_model(self) -> TvpForVideoGrounding:
+        if not self.word_segment_weight:
+            if not self.init_from:
+                return TvpForVideoGrounding(self.model_config)
+            return TvpForVideoGrounding.from_pretrained(self.init_from)
         if not self.init_from:
-            return TvpForVideoGrounding(self.model_config)
-        return TvpForVideoGrounding.from_pretrained(self.init_from)
+            return TvpForGroundingWithAids(self.model_config, self.word_segment_weight)
+        start = TvpForVideoGrounding.from_pretrained(self.init_from)
+        model = TvpForGroundingWithAids(start.config, self.word_segment_weight)
+        model.load_state_dict(start.state_dict(), strict=False)  # the aid's head starts fresh
+        return model
 
     def batcher(self, model: TvpForVideoGrounding) -> TvpBatcher:
         tokenizer = self.tokenizer()
@@ -170,14 +187,19 @@ class TvpGroundingTask:
                 f"tokenizer in {self.tokenizer_dir} has {tokenizer.vocab_size} tokens, the model's vocab_size is "
                 f"{model.config.vocab_size}: use the tokenizer saved with the checkpoint"
             )
-        return TvpBatcher(tokenizer=tokenizer, image_size=model.config.max_img_size, num_frames=model.config.num_frames)
+        return TvpBatcher(tokenizer=tokenizer, image_size=model.config.max_img_size, num_frames=model.config.num_frames,
+                          word_segments=bool(self.word_segment_weight))  # fmt: skip
 
     def forward(self, model, batch, device, dtype):
-        out = model(**to_device(batch, ["input_ids", "pixel_values", "attention_mask", "labels"], device, dtype))
+        names = ["input_ids", "pixel_values", "attention_mask", "labels", "word_segments", "word_segment_mask"]
+        out = model(**to_device(batch, names, device, dtype))
         labels = batch["labels"]
         predicted = tvp_logits_to_seconds(out.logits.detach().float().cpu(), labels[:, 0])
         scores = metrics.grounding_metrics(predicted, labels[:, 1:])
         parts = {"loss": out.loss, "miou": torch.tensor(scores["mIoU"])}
+        for name in ("grounding_loss", "word_segment_loss"):
+            if getattr(out, name, None) is not None:
+                parts[name] = getattr(out, name)
         for m in metrics.IOU_THRESHOLDS:
             parts[f"r1_iou{m:g}"] = torch.tensor(scores[f"R@1,IoU={m:g}"])
         return out.loss, parts, out
@@ -204,7 +226,11 @@ class TvpGroundingTask:
         return {"segments.json": json.dumps(rows, indent=1).encode(), "segments": np.asarray(picture)}
 
     def export_config(self, model: TvpForVideoGrounding) -> dict[str, Any]:
-        return {**model.config.to_dict(), "architectures": [type(model).__name__]}
+        return {**model.config.to_dict(), "architectures": [TvpForVideoGrounding.__name__]}
 
     def export_files(self) -> dict[str, bytes]:
         return self.tokenizer().files()
+
+    def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The reference's layout: an aid's head is training help only and is not exported."""
+        return TvpForGroundingWithAids.grounding_state(state)
