@@ -88,10 +88,14 @@ class AidsSection:
     # Weight of the word-segment loss: the visual tokens predict, for each token found in exactly one of the
     # video's sentences, that sentence's segment (0 = off). Only training uses it; exports hold no trace of it.
     word_segment_weight: float = 0.0
+    # Weight of the query-token loss: each query token no other sentence of the video has predicts, from its hidden
+    # state halfway up the encoder, the query's segment (0 = off).
+    query_token_weight: float = 0.0
 
     def __post_init__(self):
-        if not self.word_segment_weight >= 0:
-            raise ValueError(f"aids.word_segment_weight must be >= 0 (0 = off), got {self.word_segment_weight}")
+        for name in ("word_segment_weight", "query_token_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"aids.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
 
 @dataclass
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     task = TvpGroundingTask(
         model_config=cfg.model.build(vocab_size=tokenizer.vocab_size), tokenizer_dir=f"{folder}/tokenizer",
         max_text_length=cfg.text.max_text_length, init_from=cfg.checkpoint.init_from,
-        word_segment_weight=cfg.aids.word_segment_weight,
+        word_segment_weight=cfg.aids.word_segment_weight, query_token_weight=cfg.aids.query_token_weight,
     )  # fmt: skip
     files = {"config.yaml": dump(cfg).encode()}
     job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files, pinned=data)

@@ -10,7 +10,7 @@ from jobs.config import ConfigError, parse
 from jobs.finetune_tvp import FinetuneConfig
 from tvlt_core.data import StreamingLoader
 from tvlt_core.models.tvp import TvpForVideoGrounding, tvp_loss, tvp_tiny_config
-from tvlt_core.models.tvp_aids import TvpForGroundingWithAids, word_segment_loss, word_segment_targets
+from tvlt_core.models.tvp_aids import TvpForGroundingWithAids, segment_l1, word_segment_targets
 from tvlt_core.text import TextTokenizer, build_vocab
 from tvlt_core.train.tasks import TvpGroundingTask
 
@@ -31,8 +31,8 @@ def test_targets_keep_only_the_tokens_of_exactly_one_sentence():
 def test_loss_is_the_mean_l1_over_masked_tokens_only():
     predicted = torch.tensor([[[0.2, 0.4], [0.9, 0.9]]])
     target = torch.tensor([[[0.1, 0.3], [0.0, 0.0]]])
-    assert word_segment_loss(predicted, target, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.1)
-    assert word_segment_loss(predicted, target, torch.zeros(1, 2)).item() == 0.0  # nothing to learn from
+    assert segment_l1(predicted, target, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(0.1)
+    assert segment_l1(predicted, target, torch.zeros(1, 2)).item() == 0.0  # nothing to learn from
 
 
 @pytest.fixture

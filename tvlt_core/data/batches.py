@@ -18,8 +18,9 @@ TVP grounding (``TvpBatcher``), per batch::
     attention_mask      (B, L) int64
     labels              (B, 3) float32                         duration, start, end in seconds
     keys, sentences     list[str]
-    word_segments       (B, V, 2) float32                      with ``word_segments=True`` (the from-scratch aid,
-    word_segment_mask   (B, V) float32                          ``tvlt_core.models.tvp_aids``): V = vocabulary size
+    word_segments       (B, V, 2) float32                      with ``aids=True``, the targets of the from-scratch
+    word_segment_mask   (B, V) float32                          aids (``tvlt_core.models.tvp_aids``): V = vocabulary
+    query_token_mask    (B, L) float32                          size; 1 on the query's tokens no other sentence has
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from tvlt_core import audio, video
-from tvlt_core.models.tvp_aids import word_segment_targets
+from tvlt_core.models.tvp_aids import query_token_mask, word_segment_targets
 from tvlt_core.text import TextTokenizer
 from tvlt_core.shards import DecodedSample, key_source
 
@@ -127,13 +128,14 @@ class TvpBatcher:
     tokenizer: TextTokenizer
     image_size: int
     num_frames: int
-    word_segments: bool = False  # also each video's per-token segments (the word-segment aid's targets)
+    aids: bool = False  # also the from-scratch aids' targets (tvlt_core.models.tvp_aids)
 
     def prepare(self, sample: DecodedSample, rng: random.Random) -> dict[str, Any]:
         queries = sample.record.get("queries") or []
         if not queries:
             raise KeyError("queries: not a grounding sample (were the shards made with --mode grounding?)")
-        query = queries[rng.randrange(len(queries))]
+        chosen = rng.randrange(len(queries))
+        query = queries[chosen]
         frames = sample.frames[uniform_indices(len(sample.frames), self.num_frames, repeat=True)]
         duration = float(sample.record["duration"])
         item = {
@@ -142,12 +144,13 @@ class TvpBatcher:
             "sentence": query["sentence"],
             "label": [duration, float(query["start"]), float(query["end"])],
         }
-        if self.word_segments:
+        if self.aids:
+            ids = [self.tokenizer.word_ids(q["sentence"]) for q in queries]
             item["word_segments"] = word_segment_targets(
-                [self.tokenizer.word_ids(q["sentence"]) for q in queries],
-                [(float(q["start"]) / duration, float(q["end"]) / duration) for q in queries],
+                ids, [(float(q["start"]) / duration, float(q["end"]) / duration) for q in queries],
                 self.tokenizer.vocab_size,
             )  # fmt: skip
+            item["own_ids"] = ids[chosen].difference(*(x for i, x in enumerate(ids) if i != chosen))
         return item
 
     def collate(self, items: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
@@ -160,7 +163,8 @@ class TvpBatcher:
             "keys": [it["key"] for it in items],
             "sentences": [it["sentence"] for it in items],
         }
-        if self.word_segments:
+        if self.aids:
             batch["word_segments"] = torch.stack([it["word_segments"][0] for it in items])
             batch["word_segment_mask"] = torch.stack([it["word_segments"][1] for it in items])
+            batch["query_token_mask"] = query_token_mask(text["input_ids"], [it["own_ids"] for it in items])
         return batch

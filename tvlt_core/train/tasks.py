@@ -159,9 +159,10 @@ class TvpGroundingTask:
     tokenizer_dir: str = ""  # folder with tokenizer.json / vocab.txt (the job fills it in)
     max_text_length: int = 32
     init_from: str = ""
-    # From-scratch aid (tvlt_core.models.tvp_aids; 0 = off, the reference recipe): the weight of the word-segment
-    # loss added to the grounding loss.
+    # From-scratch aids (tvlt_core.models.tvp_aids; 0 = off, the reference recipe): the weights of their losses,
+    # added to the grounding loss.
     word_segment_weight: float = 0.0
+    query_token_weight: float = 0.0
     name: str = "tvp-grounding"
     data_mode: str = "grounding"
 
@@ -169,14 +170,15 @@ class TvpGroundingTask:
         return TextTokenizer.from_folder(self.tokenizer_dir, self.max_text_length)
 
     def build_model(self) -> TvpForVideoGrounding:
-        if not self.word_segment_weight:
+        aids = {"word_segment_weight": self.word_segment_weight, "query_token_weight": self.query_token_weight}
+        if not any(aids.values()):
             if not self.init_from:
                 return TvpForVideoGrounding(self.model_config)
             return TvpForVideoGrounding.from_pretrained(self.init_from)
         if not self.init_from:
-            return TvpForGroundingWithAids(self.model_config, self.word_segment_weight)
+            return TvpForGroundingWithAids(self.model_config, **aids)
         start = TvpForVideoGrounding.from_pretrained(self.init_from)
-        model = TvpForGroundingWithAids(start.config, self.word_segment_weight)
+        model = TvpForGroundingWithAids(start.config, **aids)
         model.load_state_dict(start.state_dict(), strict=False)  # the aid's head starts fresh
         return model
 
@@ -188,16 +190,17 @@ class TvpGroundingTask:
                 f"{model.config.vocab_size}: use the tokenizer saved with the checkpoint"
             )
         return TvpBatcher(tokenizer=tokenizer, image_size=model.config.max_img_size, num_frames=model.config.num_frames,
-                          word_segments=bool(self.word_segment_weight))  # fmt: skip
+                          aids=bool(self.word_segment_weight or self.query_token_weight))  # fmt: skip
 
     def forward(self, model, batch, device, dtype):
-        names = ["input_ids", "pixel_values", "attention_mask", "labels", "word_segments", "word_segment_mask"]
+        names = ["input_ids", "pixel_values", "attention_mask", "labels", "word_segments", "word_segment_mask",
+                 "query_token_mask"]  # fmt: skip
         out = model(**to_device(batch, names, device, dtype))
         labels = batch["labels"]
         predicted = tvp_logits_to_seconds(out.logits.detach().float().cpu(), labels[:, 0])
         scores = metrics.grounding_metrics(predicted, labels[:, 1:])
         parts = {"loss": out.loss, "miou": torch.tensor(scores["mIoU"])}
-        for name in ("grounding_loss", "word_segment_loss"):
+        for name in ("grounding_loss", "word_segment_loss", "query_token_loss"):
             if getattr(out, name, None) is not None:
                 parts[name] = getattr(out, name)
         for m in metrics.IOU_THRESHOLDS:
@@ -232,5 +235,5 @@ class TvpGroundingTask:
         return self.tokenizer().files()
 
     def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The reference's layout: an aid's head is training help only and is not exported."""
+        """The reference's layout: the aids' heads is training help only and is not exported."""
         return TvpForGroundingWithAids.grounding_state(state)
