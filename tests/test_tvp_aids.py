@@ -10,7 +10,7 @@ from jobs.config import ConfigError, parse
 from jobs.finetune_tvp import FinetuneConfig
 from tvlt_core.data import StreamingLoader
 from tvlt_core.models.tvp import TvpForVideoGrounding, tvp_loss, tvp_tiny_config
-from tvlt_core.models.tvp_aids import TvpForGroundingWithAids, segment_l1, word_segment_targets
+from tvlt_core.models.tvp_aids import TvpForGroundingWithAids, query_token_mask, segment_l1, word_segment_targets
 from tvlt_core.text import TextTokenizer, build_vocab
 from tvlt_core.train.tasks import TvpGroundingTask
 
@@ -26,6 +26,11 @@ def test_targets_keep_only_the_tokens_of_exactly_one_sentence():
     assert target[5].tolist() == [0, 0]
     with pytest.raises(ValueError, match="2 sentences but 1 segments"):
         word_segment_targets([{1}, {2}], [(0.0, 1.0)], vocab_size=4)
+
+
+def test_query_token_mask_marks_the_querys_own_tokens_wherever_they_sit():
+    input_ids = torch.tensor([[2, 5, 6, 3, 0], [2, 9, 5, 3, 0]])
+    assert query_token_mask(input_ids, [{6}, {9, 5}]).tolist() == [[0, 0, 1, 0, 0], [0, 1, 1, 0, 0]]
 
 
 def test_loss_is_the_mean_l1_over_masked_tokens_only():
@@ -49,11 +54,11 @@ def grounding_batches(shard_writer, grounding_sentences, tmp_path):
     return tokenizer, str(tmp_path / "tok"), first_batch
 
 
-def make_task(tokenizer_dir: str, vocab_size: int, weight: float) -> TvpGroundingTask:
+def make_task(tokenizer_dir: str, vocab_size: int, weight: float, query_weight: float = 0.0) -> TvpGroundingTask:
     config = tvp_tiny_config(num_frames=FRAMES, max_img_size=SIZE, visual_prompt_size=8, vocab_size=vocab_size,
                              distance_loss_floor=0.0, duration_loss_floor=0.0)  # fmt: skip
     return TvpGroundingTask(model_config=config, tokenizer_dir=tokenizer_dir, max_text_length=12,
-                            word_segment_weight=weight)  # fmt: skip
+                            word_segment_weight=weight, query_token_weight=query_weight)  # fmt: skip
 
 
 def test_batches_carry_each_videos_targets_when_the_aid_is_on(grounding_batches):
@@ -68,6 +73,13 @@ def test_batches_carry_each_videos_targets_when_the_aid_is_on(grounding_batches)
     assert (batch["word_segment_mask"].sum(1) > 0).all()
     masked = batch["word_segments"][batch["word_segment_mask"] > 0]
     assert ((0 <= masked) & (masked <= 1)).all() and (masked[:, 0] < masked[:, 1]).all()
+    # the query's own tokens: in its sentence, and in none of the video's other sentences
+    own = batch["query_token_mask"]
+    assert own.shape == batch["input_ids"].shape and (own.sum(1) > 0).all()
+    for i, sentence in enumerate(batch["sentences"]):
+        marked = set(batch["input_ids"][i][own[i] > 0].tolist())
+        assert marked <= tokenizer.word_ids(sentence)
+        assert all(batch["word_segment_mask"][i, t] == 1 for t in marked)  # found once in the video: its own
 
 
 def test_off_is_the_reference_loss_bit_for_bit(grounding_batches):
@@ -85,14 +97,15 @@ def test_off_is_the_reference_loss_bit_for_bit(grounding_batches):
     assert "word_segment_loss" not in parts
     # the aided model starts from the same draws: the same grounding weights and the same reference loss beside its aid
     torch.manual_seed(0)
-    aided = make_task(folder, tokenizer.vocab_size, 1.0).build_model().eval()
+    aided = make_task(folder, tokenizer.vocab_size, 1.0, 0.5).build_model().eval()
     plain_state = model.state_dict()
     assert set(TvpForGroundingWithAids.grounding_state(aided.state_dict())) == set(plain_state)
     assert all(torch.equal(v, plain_state[k]) for k, v in TvpForGroundingWithAids.grounding_state(aided.state_dict()).items())
-    aided_task = make_task(folder, tokenizer.vocab_size, 1.0)
+    aided_task = make_task(folder, tokenizer.vocab_size, 1.0, 0.5)
     aided_loss, aided_parts, _ = aided_task.forward(aided, first_batch(aided_task, aided), torch.device("cpu"), torch.float32)
     assert torch.equal(aided_parts["grounding_loss"], reference)
-    assert torch.equal(aided_loss, reference + aided_parts["word_segment_loss"])
+    expected = reference + aided_parts["word_segment_loss"] + 0.5 * aided_parts["query_token_loss"]
+    assert torch.allclose(aided_loss, expected, rtol=0, atol=1e-6) and aided_parts["query_token_loss"] > 0
 
 
 def train(task: TvpGroundingTask, batch_of, steps: int) -> tuple[TvpForVideoGrounding, list[dict[str, float]]]:
@@ -110,24 +123,26 @@ def train(task: TvpGroundingTask, batch_of, steps: int) -> tuple[TvpForVideoGrou
     return model, history
 
 
-def test_on_changes_training_and_its_loss_falls(grounding_batches):
+@pytest.mark.parametrize("weights, aid", [((1.0, 0.0), "word_segment_loss"), ((0.0, 1.0), "query_token_loss")])
+def test_on_changes_training_and_its_loss_falls(grounding_batches, weights, aid):
     tokenizer, folder, first_batch = grounding_batches
     plain, _ = train(make_task(folder, tokenizer.vocab_size, 0.0), first_batch, 30)
-    aided, history = train(make_task(folder, tokenizer.vocab_size, 1.0), first_batch, 30)
+    aided, history = train(make_task(folder, tokenizer.vocab_size, *weights), first_batch, 30)
     # the aid's gradient reaches the visual path: the backbone ends elsewhere than the reference recipe's
     key = "model.vision_model.backbone.embedder.embedder.convolution.weight"
     plain_state, aided_state = plain.state_dict(), aided.state_dict()
     assert key in plain_state and not torch.allclose(plain_state[key], aided_state[key])
-    first, last = history[0]["word_segment_loss"], history[-1]["word_segment_loss"]
+    first, last = history[0][aid], history[-1][aid]
     assert last < 0.5 * first, history
 
 
 def test_an_export_is_the_reference_layout(grounding_batches, tmp_path):
     tokenizer, folder, _ = grounding_batches
-    task = make_task(folder, tokenizer.vocab_size, 1.0)
+    task = make_task(folder, tokenizer.vocab_size, 1.0, 1.0)
     aided = task.build_model()
     exported = task.export_state(aided.state_dict())
-    assert not any("word_segment" in k for k in exported)
+    assert {k.split(".")[0] for k in aided.state_dict()} - {k.split(".")[0] for k in exported} == {
+        "word_segment_head", "query_token_head"}
     assert set(exported) == set(TvpForVideoGrounding(aided.config).state_dict())
     assert task.export_config(aided)["architectures"] == ["TvpForVideoGrounding"]
     aided.save_pretrained(str(tmp_path / "out"))
@@ -140,5 +155,6 @@ def test_the_aid_is_off_by_default_and_a_bad_weight_names_the_setting():
     base = ["--data.manifest", "work/shards/grounding"]
     assert parse(FinetuneConfig, base + ["--config", "tvp_tiny"], prog="finetune_tvp").aids.word_segment_weight == 0.0
     assert parse(FinetuneConfig, base + ["--config", "tvp_base"], prog="finetune_tvp").aids.word_segment_weight == 0.0
-    with pytest.raises(ConfigError, match="aids.word_segment_weight"):
-        parse(FinetuneConfig, base + ["--aids.word_segment_weight", "-1"], prog="finetune_tvp")
+    for name in ("word_segment_weight", "query_token_weight"):
+        with pytest.raises(ConfigError, match=f"aids.{name}"):
+            parse(FinetuneConfig, base + [f"--aids.{name}", "-1"], prog="finetune_tvp")

@@ -5,44 +5,34 @@
     summary = trainer.train()      # train_step until schedule.max_steps, logging, checkpointing, exporting
     trainer.close()
 
-Checkpoint folder (every rank writes its own part; Ray Train merges them into one folder in storage)::
-
-    deepspeed/<tag>/...            DeepSpeed's files: model states and each rank's ZeRO partition
-    rank-00000.json ...            per rank: step, samples seen, DeepSpeed tag, loader position
-    rank-00000.rng.safetensors     per rank: torch random state (masking noise), so a resume is exact
-
-Nothing in here imports Ray or MLflow: ``report(metrics, folder)`` and ``tracker`` are handed in (Ray's
-``train.report`` and a ``RunTracker`` in the job; plain functions in tests).
+What a checkpoint folder holds is ``tvlt_core.train.checkpointing``'s; the Hugging Face export and its registration
+are ``tvlt_core.train.export``'s. Nothing in here imports Ray or MLflow: ``report(metrics, folder)`` and
+``tracker`` are handed in (Ray's ``train.report`` and a ``RunTracker`` in the job; plain functions in tests).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from tvlt_core import distributed
-from tvlt_core.checkpoint import PREPROCESSING_NAME, write_folder
 from tvlt_core.data.stream import DataError, StreamingLoader
-from tvlt_core.tracking import DatasetInfo, RunTracker, model_card
+from tvlt_core.tracking import DatasetInfo, RunTracker
+from tvlt_core.train import checkpointing
+from tvlt_core.train.export import export_and_register
 from tvlt_core.train.config import CheckpointConfig, OptimConfig, ScheduleConfig, TrackingConfig
-from tvlt_core.train.engine import full_state_dict, plain_grad_norm
+from tvlt_core.train.engine import plain_grad_norm
 from tvlt_core.train.schedule import lr_at
 from tvlt_core.train.tasks import Task
 
 log = logging.getLogger(__name__)
-
-DEEPSPEED_DIR = "deepspeed"
-
 
 class NonFiniteLossError(RuntimeError):
     """More than ``optim.max_nonfinite_steps`` steps had a NaN or infinite loss or gradient on some rank; every
@@ -52,14 +42,6 @@ class NonFiniteLossError(RuntimeError):
 # Failures that recur when the same step is tried again (same data, same weights): a Ray Train restart would only
 # repeat them, so the job stops instead (``tvlt_core.train.ray_job``).
 DETERMINISTIC_FAILURES = (DataError, NonFiniteLossError)
-
-
-def rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.json"
-
-
-def rng_file(rank: int) -> str:
-    return f"rank-{rank:05d}.rng.safetensors"
 
 
 @dataclass
@@ -347,33 +329,11 @@ class Trainer:
 
     def save(self, folder: str) -> None:
         """Write this rank's checkpoint part into the local ``folder`` (a collective: every rank calls)."""
-        state = self.state_dict()
-        self.engine.save_checkpoint(str(Path(folder) / DEEPSPEED_DIR), tag=state["tag"], client_state={"step": self.step})
-        (Path(folder) / rank_file(self.rank.rank)).write_text(json.dumps(state))
-        # the random state too (MAE masking noise, dropout): a resumed run continues the uninterrupted one exactly
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(Path(folder) / rng_file(self.rank.rank)))
+        checkpointing.save_rank(self.engine, folder, self.rank.rank, self.state_dict())
 
     def restore(self, folder: str) -> None:
         """Load DeepSpeed state, step and loader position from a checkpoint folder (every rank calls)."""
-        path = Path(folder) / rank_file(self.rank.rank)
-        if not path.exists():
-            written = sorted(p.name for p in Path(folder).glob("rank-*.json"))
-            raise RuntimeError(
-                f"checkpoint {folder} has no state for rank {self.rank.rank} (it holds {written}); resume with "
-                f"parallel.num_workers equal to the number of ranks that wrote it"
-            )
-        state = json.loads(path.read_text())
-        load_path, _ = self.engine.load_checkpoint(str(Path(folder) / DEEPSPEED_DIR), tag=state["tag"])
-        if load_path is None:
-            raise RuntimeError(f"checkpoint {folder}: DeepSpeed found no state under tag {state['tag']}")
-        self.load_state_dict(state)
-        rng = load_file(str(Path(folder) / rng_file(self.rank.rank)))
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        self.load_state_dict(checkpointing.load_rank(self.engine, folder, self.rank.rank))
         log.info("resumed at step %d (epoch %d, batch %d of it)", self.step, self.loader.epoch, self.loader.step_in_epoch)
 
     def save_and_report(self, extra: dict[str, float] | None = None) -> None:
@@ -385,28 +345,12 @@ class Trainer:
 
     # --- export --------------------------------------------------------------------------------------------------------
     def export(self, artifact_path: str) -> str | None:
-        """Consolidate the weights (ZeRO shards gathered), write a Hugging Face folder on rank 0, log it to MLflow
-        and register it. Every rank must call (the gathering is a collective)."""
-        state = full_state_dict(self.engine, rank=self.rank.rank)
-        version = None
-        if self.rank.is_main and self.tracker is not None:
-            model = self.engine.module
-            card = model_card(
-                task=self.task.name, run_name=self.s.run_name, run_id=self.tracker.run_id, step=self.step,
-                dataset=self.s.dataset, config=self.s.config, results=self.last_metrics,
-            )  # fmt: skip
-            with tempfile.TemporaryDirectory(prefix="export-") as tmp:
-                folder = str(Path(tmp) / "checkpoint")  # the folder's name inside the MLflow model's artifacts
-                files = {**self.task.export_files(), "README.md": card.encode()}
-                if self.s.dataset is not None and self.s.dataset.recipe:  # how serving turns a video into inputs
-                    files[PREPROCESSING_NAME] = json.dumps(dict(self.s.dataset.recipe), indent=1, sort_keys=True).encode()
-                write_folder(folder, self.task.export_config(model), self.task.export_state(state), files)
-                version = self.tracker.export_model(
-                    folder, registered_model=self.s.tracking.registered_model, aliases=self.s.tracking.aliases,
-                    description=card, artifact_path=artifact_path, step=self.step,
-                )  # fmt: skip
-        distributed.barrier()
-        return version
+        """Consolidate the weights, write a Hugging Face folder on rank 0, log it to MLflow and register it (every
+        rank must call: the gathering is a collective). Returns the registered version on rank 0."""
+        return export_and_register(
+            self.engine, self.task, self.s, rank=self.rank, tracker=self.tracker, step=self.step,
+            results=self.last_metrics, artifact_path=artifact_path,
+        )  # fmt: skip
 
     def close(self, status: str = "FINISHED") -> None:
         """End the MLflow run with ``status`` (FINISHED or FAILED) and drop what the loop holds."""
