@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass, field
 
 from jobs.cli import run
@@ -31,6 +30,7 @@ from tvlt_core.eval.registry import ModelRef, Promotion, data_digest, log_evalua
 from tvlt_core.redaction import redact
 from tvlt_core.tracking import DatasetInfo, tracking_uri
 from tvlt_core.train.ray_job import dataset_info
+from tvlt_core.uris import absolute
 
 log = logging.getLogger("evaluate")
 
@@ -65,18 +65,13 @@ class EvaluateConfig:
             raise ValueError("promote: needs tracking.log true (the decision rests on logged, comparable results)")
 
 
-def local_or_url(path: str) -> str:
-    """Local paths made absolute (Ray actors do not share this process's working directory); URLs unchanged."""
-    return path if "://" in path or path.startswith("models:/") else os.path.abspath(path)
-
-
 class Evaluation:
     """One invocation: the MLflow client and what every evaluation of it shares (data, settings, digest)."""
 
     def __init__(self, cfg: EvaluateConfig, dataset: DatasetInfo):
         from mlflow import MlflowClient
 
-        self.cfg, self.dataset, self.data = cfg, dataset, local_or_url(cfg.data)
+        self.cfg, self.dataset, self.data = cfg, dataset, absolute(cfg.data)
         self.tracking_uri = tracking_uri(cfg.work_dir)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self.digest = data_digest(dataset, dataclasses.asdict(cfg.eval))
@@ -134,7 +129,7 @@ class EvaluationResult:
 def run_evaluation(cfg: EvaluateConfig) -> EvaluationResult:
     """Resolve the model, evaluate, log, promote: the job without its command line (the main job calls it)."""
     try:
-        dataset = dataset_info(local_or_url(cfg.data))
+        dataset = dataset_info(absolute(cfg.data))
     except FileNotFoundError as e:
         raise ConfigError(f"evaluate: data {cfg.data}: no manifest.json there ({e})") from e
     job = Evaluation(cfg, dataset)
@@ -146,7 +141,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationResult:
         except (MlflowException, ValueError) as e:  # no such model, version or alias: the message says which
             raise ConfigError(f"evaluate: model {cfg.model}: {e}") from e
     else:
-        ref = ModelRef(uri=cfg.model, load_uri=local_or_url(cfg.model))
+        ref = ModelRef(uri=cfg.model, load_uri=absolute(cfg.model))
     report, run_id = job.run(ref)
     decision = job.promote(ref, report) if cfg.promote else None
     return EvaluationResult(ref, cfg.data, report, run_id, decision, job.tracking_uri)

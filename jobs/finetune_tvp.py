@@ -21,8 +21,8 @@ from typing import Literal
 import fsspec
 
 from jobs.cli import run
-from jobs.training import launch_and_report, pinned_data
-from jobs.config import ConfigError, dump, parse, to_dict, write_resolved
+from jobs.training import pinned_data, train
+from jobs.config import ConfigError, parse
 from tvlt_core import shards
 from tvlt_core.data.snapshot import DataSnapshot
 from tvlt_core.data.stream import read_shard
@@ -30,7 +30,7 @@ from tvlt_core.models.tvp import TVP_PRESETS, TvpConfig
 from tvlt_core.text import TextTokenizer, build_vocab
 from tvlt_core.tracking import resolve_model_uri
 from tvlt_core.train.config import TrackingConfig, TrainingConfig
-from tvlt_core.train.ray_job import default_run_name, job_from_config, run_folder
+from tvlt_core.train.ray_job import default_run_name, run_folder
 from tvlt_core.train.tasks import TvpGroundingTask
 
 log = logging.getLogger("finetune_tvp")
@@ -157,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         max_text_length=cfg.text.max_text_length, init_from=cfg.checkpoint.init_from,
         word_segment_weight=cfg.aids.word_segment_weight, query_token_weight=cfg.aids.query_token_weight,
     )  # fmt: skip
-    files = {"config.yaml": dump(cfg).encode()}
-    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files, pinned=data)
-    write_resolved(cfg, folder)
-    return launch_and_report(job)
+    return train(cfg, task, run_name, folder, data, dataset)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from jobs.cli import run
-from jobs.training import launch_and_report, pinned_data
-from jobs.config import dump, parse, to_dict, write_resolved
+from jobs.training import pinned_data, train
+from jobs.config import parse
 from tvlt_core.models.tvlt import TVLT_PRESETS, TvltConfig
 from tvlt_core.train.config import TrackingConfig, TrainingConfig
-from tvlt_core.train.ray_job import default_run_name, job_from_config, run_folder
+from tvlt_core.train.ray_job import default_run_name, run_folder
 from tvlt_core.train.tasks import TvltPretrainTask
 
 log = logging.getLogger("pretrain")
@@ -80,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     folder = run_folder(cfg.checkpoint.storage_path, run_name)
     data, dataset = pinned_data(cfg, task, folder, prog="pretrain")
-    files = {"config.yaml": dump(cfg).encode()}
-    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files, pinned=data)
-    write_resolved(cfg, folder)
-    return launch_and_report(job)
+    return train(cfg, task, run_name, folder, data, dataset)
 
 
 if __name__ == "__main__":

@@ -2,18 +2,18 @@
 turn a deterministic stop into exit code 1 with its message.
 
     data, dataset = pinned_data(cfg, task, run_folder_url, prog="pretrain")   # ConfigError: bad or wrong data
-    return launch_and_report(job)                                              # 0 done, 1 stopped
+    return train(cfg, task, run_name, run_folder_url, data, dataset)          # 0 done, 1 stopped
 """
 
 from __future__ import annotations
 
 import logging
 
-from jobs.config import ConfigError
+from jobs.config import ConfigError, dump, to_dict, write_resolved
 from tvlt_core.data.snapshot import DataSnapshot
 from tvlt_core.tracking import DatasetInfo
 from tvlt_core.train.config import TrainingConfig
-from tvlt_core.train.ray_job import TrainingStopped, TrainJob, launch, pin_data, summary_table
+from tvlt_core.train.ray_job import TrainingStopped, TrainJob, job_from_config, launch, pin_data, summary_table
 from tvlt_core.train.tasks import Task
 
 log = logging.getLogger("training")
@@ -39,3 +39,12 @@ def launch_and_report(job: TrainJob) -> int:
         return 1
     print(summary_table(job, result.metrics or {}), flush=True)
     return 0
+
+
+def train(cfg: TrainingConfig, task: Task, run_name: str, folder: str, data: DataSnapshot, dataset: DatasetInfo) -> int:
+    """The body both jobs share once their task is built: the resolved config beside the run (and inside every
+    checkpoint as ``config.yaml``), the launch, the exit code of ``launch_and_report``."""
+    files = {"config.yaml": dump(cfg).encode()}
+    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files, pinned=data)
+    write_resolved(cfg, folder)
+    return launch_and_report(job)

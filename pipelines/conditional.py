@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import fsspec
 
 from pipelines import writer
-from pipelines.sources import is_remote
+from tvlt_core.uris import is_remote
 
 _READ_ATTEMPTS = 3  # an object replaced between s3fs's HEAD and GET fails the pinned GET: read it again
 _LOCK_ATTEMPTS = 10  # local: the name moved on to a newer file while this writer waited for the lock

@@ -32,6 +32,7 @@ from pipelines.pinned import open_source
 from tvlt_core import clips as clipping
 from tvlt_core import media
 from tvlt_core.resize import FrameResize
+from tvlt_core.uris import is_remote
 
 log = logging.getLogger(__name__)
 av.logging.set_level(av.logging.ERROR)
@@ -47,7 +48,7 @@ class Rejected(Exception):
 
 # --------------------------------------------------------------------------------------------------------- probe
 def _open(uri: str, storage_options: dict, stack: contextlib.ExitStack, etag: str, version_id: str):
-    if "://" in uri and not uri.startswith("file://"):
+    if is_remote(uri):
         # Range reads: the probe touches the index and the first packets, not the whole object, of the version
         # the listing saw (``pinned``).
         source = stack.enter_context(open_source(uri, storage_options, etag, version_id))

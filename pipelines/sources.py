@@ -32,7 +32,7 @@ import pyarrow.parquet
 
 from pipelines.config import SourceConfig, StorageConfig
 from tvlt_core import shards
-from tvlt_core.media import is_remote  # noqa: F401  (re-exported: pipelines.writer)
+from tvlt_core.uris import is_remote
 from tvlt_core.redaction import public_uri, redact, redact_text
 
 log = logging.getLogger(__name__)

@@ -35,11 +35,11 @@ from pipelines.config import AudioConfig, ClipConfig, GroundingConfig, LimitConf
 from pipelines.failures import Retries, RetryPolicy, SourceChanged, retrying, transient_reason
 from pipelines.pinned import check_local, open_source
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError, failure_reason
-from pipelines.sources import is_remote
 from tvlt_core import clips as clipping
 from tvlt_core import recipe, shards
 from tvlt_core.redaction import redact_text
 from tvlt_core.resize import FrameResize
+from tvlt_core.uris import is_remote, local_path
 
 log = logging.getLogger(__name__)
 _NO_FRAMES = np.zeros((0, 1, 1, 1, 3), dtype=np.uint8)
@@ -157,7 +157,7 @@ class ProbeStage:
             return failed(row, "probe", *s.limits.over(row["size"], 0, 0, 0.0))
         if not is_remote(row["read_url"]):
             try:
-                check_local(_local_path(row["read_url"]), row["size"], row["mtime"])
+                check_local(local_path(row["read_url"]), row["size"], row["mtime"])
             except SourceChanged as e:
                 return failed(row, "probe", failures.SOURCE_CHANGED, str(e), deferred=True)
             except OSError:
@@ -182,17 +182,13 @@ class ProbeStage:
 
 
 # --------------------------------------------------------------------------------------------------------- decode
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
 def _local_copy(row: dict, settings: StageSettings) -> tuple[str, str | None]:
     """(path decord can open, temporary folder to delete or None). Remote objects are downloaded once per video,
     at the version the listing saw (``pinned``); a local file must still have its listed size and mtime."""
     uri = row["read_url"]
     if not is_remote(uri):
-        check_local(_local_path(uri), row["size"], row["mtime"])
-        return _local_path(uri), None
+        check_local(local_path(uri), row["size"], row["mtime"])
+        return local_path(uri), None
     folder = tempfile.mkdtemp(prefix="decode-", dir=settings.scratch_dir or None)
     path = os.path.join(folder, "source" + os.path.splitext(uri.split("?", 1)[0])[1])
     try:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 
 import fsspec
 
-from pipelines.sources import is_remote
+from tvlt_core.uris import is_remote
 
 TMP_MARK = ".tmp-"
 

@@ -9,8 +9,8 @@ audio its shards were made of.
     frames_at(reader, starts, times) -> per clip uint8 (T, H, W, 3) RGB at source resolution, decord's rotation
     decode_audio(path)               -> float32 mono samples at the track's own rate, and the time of sample 0
 
-Only numpy, fsspec, PyAV and decord are imported (the decoders when first used, so code that only asks
-``is_remote`` pays for neither): the preprocessing child that imports this stays small.
+Only numpy, fsspec, PyAV and decord are imported (the decoders when first used): the preprocessing child that
+imports this stays small.
 """
 
 from __future__ import annotations
@@ -25,14 +25,7 @@ import fsspec
 import numpy as np
 
 from tvlt_core import clips as clipping
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
-
-
-def local_path(uri: str) -> str:
-    return uri[len("file://") :] if uri.startswith("file://") else uri
+from tvlt_core.uris import is_remote, local_path
 
 
 def download(uri: str, folder: str, storage_options: dict | None = None) -> str:

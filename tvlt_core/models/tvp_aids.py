@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tvlt_core.checkpoint import write_folder

@@ -51,6 +51,7 @@ from tvlt_core.train.config import (
     TrainingConfig,
 )
 from tvlt_core.train.tasks import Task
+from tvlt_core.uris import absolute
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,6 @@ def job_from_config(
 def default_run_name(prefix: str) -> str:
     """A new run's name when none is given: ``PREFIX-YYYYmmdd-HHMMSS`` (pass it again to resume that run)."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def absolute(url: str) -> str:
-    """A local path made absolute (Ray Train workers do not share the launcher's current directory); URLs as given."""
-    return url if "://" in url else os.path.abspath(url)
 
 
 def run_folder(storage_path: str, run_name: str) -> str:
