@@ -102,8 +102,8 @@ def test_tvp_scores_every_query_as_the_model_predicts_it(tmp_path, grounding_sha
                 true.append([q["start"], q["end"]])
     want = metrics.grounding_metrics(torch.tensor(predicted), torch.tensor(true))
     got = report.metrics()
-    for name, key in (("R@1,IoU=0.3", "r1_iou0.3"), ("R@1,IoU=0.5", "r1_iou0.5"), ("R@1,IoU=0.7", "r1_iou0.7"), ("mIoU", "miou")):
-        assert got[key] == pytest.approx(want[name], abs=1e-5)
+    for key in ("r1_iou0.3", "r1_iou0.5", "r1_iou0.7", "miou"):
+        assert got[key] == pytest.approx(want[key], abs=1e-5)
     assert report.primary == "r1_iou0.5" and "predictions.json" in report.files
 
 
@@ -126,19 +126,19 @@ def test_best_constant_segment_by_hand():
     # is 1), nothing reaches 0.7 on both (R@1 at 0.7 is 0.5, by predicting one half exactly), and no segment does
     # better than a mean IoU of 0.5
     best, segment = best_constant_metrics(torch.tensor([[0.0, 0.5], [0.5, 1.0]], dtype=torch.float64), 50)
-    assert best == pytest.approx({"R@1,IoU=0.3": 1.0, "R@1,IoU=0.5": 1.0, "R@1,IoU=0.7": 0.5, "mIoU": 0.5})
+    assert best == pytest.approx({"r1_iou0.3": 1.0, "r1_iou0.5": 1.0, "r1_iou0.7": 0.5, "miou": 0.5})
     # one true segment on the grid: the best constant finds it exactly
     best, segment = best_constant_metrics(torch.tensor([[0.2, 0.6]] * 3, dtype=torch.float64), 50)
-    assert best["mIoU"] == pytest.approx(1.0) and segment == pytest.approx((0.2, 0.6))
+    assert best["miou"] == pytest.approx(1.0) and segment == pytest.approx((0.2, 0.6))
 
 
 def test_random_segment_against_its_expected_values():
     # against the whole video, a random segment's IoU is its length u2 - u1 (u1 < u2 uniform): mean 1/3, and
     # P(length >= m) = (1 - m)^2; 20000 draws put each estimate within 0.01 (over 3 standard errors)
     got = random_segment_metrics(torch.tensor([[0.0, 1.0]], dtype=torch.float64), 20000, seed=0)
-    assert got["mIoU"] == pytest.approx(1 / 3, abs=0.01)
+    assert got["miou"] == pytest.approx(1 / 3, abs=0.01)
     for m in (0.3, 0.5, 0.7):
-        assert got[f"R@1,IoU={m:g}"] == pytest.approx((1 - m) ** 2, abs=0.01)
+        assert got[f"r1_iou{m:g}"] == pytest.approx((1 - m) ** 2, abs=0.01)
     assert random_segment_metrics(torch.tensor([[0.1, 0.4]] * 5, dtype=torch.float64), 7, seed=1) == \
         random_segment_metrics(torch.tensor([[0.1, 0.4]] * 5, dtype=torch.float64), 7, seed=1)  # fmt: skip
 

@@ -47,7 +47,7 @@ def test_recall_and_miou():
     pred = torch.tensor([[0.0, 10.0], [0.0, 5.0], [8.0, 9.0]])
     gt = torch.tensor([[0.0, 10.0], [0.0, 10.0], [0.0, 1.0]])
     metrics = grounding_metrics(pred, gt)
-    assert metrics == pytest.approx({"R@1,IoU=0.3": 2 / 3, "R@1,IoU=0.5": 2 / 3, "R@1,IoU=0.7": 1 / 3, "mIoU": 0.5})
+    assert metrics == pytest.approx({"r1_iou0.3": 2 / 3, "r1_iou0.5": 2 / 3, "r1_iou0.7": 1 / 3, "miou": 0.5})
 
 
 # --- the query-swap test: does the prediction follow the sentence? ---------------------------------------------------

@@ -48,14 +48,23 @@ def recall_at_1(iou: torch.Tensor, thresholds: Sequence[float] = IOU_THRESHOLDS)
     return (iou[:, None] >= limits[None, :]).double().mean(dim=0)
 
 
+def recall_key(threshold: float) -> str:
+    """The one name of R@1 at an IoU threshold, in every dict, MLflow key and tag: ``r1_iou0.5``."""
+    return f"r1_iou{threshold:g}"
+
+
+# Grounding metrics by name, with what a table prints for each.
+GROUNDING_LABELS = {**{recall_key(m): f"R@1 IoU={m:g}" for m in IOU_THRESHOLDS}, "miou": "mIoU"}
+
+
 def grounding_metrics(
     pred: torch.Tensor, target: torch.Tensor, thresholds: Sequence[float] = IOU_THRESHOLDS
 ) -> dict[str, float]:
-    """``{"R@1,IoU=0.3": ..., "R@1,IoU=0.5": ..., "R@1,IoU=0.7": ..., "mIoU": ...}`` for (N, 2) segments, in [0, 1]."""
+    """``{"r1_iou0.3": ..., "r1_iou0.5": ..., "r1_iou0.7": ..., "miou": ...}`` for (N, 2) segments, in [0, 1]."""
     iou = temporal_iou(pred, target)
     recalls = recall_at_1(iou, thresholds)
-    metrics = {f"R@1,IoU={m:g}": float(r) for m, r in zip(thresholds, recalls)}
-    metrics["mIoU"] = float(iou.mean())
+    metrics = {recall_key(m): float(r) for m, r in zip(thresholds, recalls)}
+    metrics["miou"] = float(iou.mean())
     return metrics
 
 

@@ -41,7 +41,6 @@ from tvlt_core.video import tvp_logits_to_seconds, tvp_preprocess
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TEXT_LENGTH = 32  # when the checkpoint's tokenizer_config.json does not say
-KEYS = {m: f"r1_iou{m:g}" for m in metrics.IOU_THRESHOLDS}  # the training loop's metric names
 
 
 def saved_text_length(folder: str, limit: int) -> int:
@@ -122,11 +121,8 @@ class TvpEvaluator:
         fractions = true / durations
         random = random_segment_metrics(fractions, settings.random_draws, settings.seed)
         constant, segment = best_constant_metrics(fractions, settings.constant_grid)
-        names = [f"R@1,IoU={m:g}" for m in metrics.IOU_THRESHOLDS] + ["mIoU"]
-        keys = list(KEYS.values()) + ["miou"]
-        labels = [f"R@1 IoU={m:g}" for m in metrics.IOU_THRESHOLDS] + ["mIoU"]
-        table = [Row(k, label, model[n], {"random": random[n], "best-constant": constant[n]})
-                 for k, label, n in zip(keys, labels, names)]  # fmt: skip
+        table = [Row(k, label, model[k], {"random": random[k], "best-constant": constant[k]})
+                 for k, label in metrics.GROUNDING_LABELS.items()]  # fmt: skip
         pairs = metrics.distinct_event_pairs([r["key"] for r in rows], true)
         table += swap_rows(predicted, true, durations, pairs, segment, settings)
         references = {
@@ -139,7 +135,7 @@ class TvpEvaluator:
         iou = metrics.temporal_iou(predicted, true).tolist()
         predictions = [{**r, "iou": round(v, 4)} for r, v in zip(rows, iou)]
         files = {"predictions.json": json.dumps(predictions, indent=1).encode()}
-        return Report("tvp-grounding", table, references, counts, primary=KEYS[0.5], files=files)
+        return Report("tvp-grounding", table, references, counts, primary=metrics.recall_key(0.5), files=files)
 
 
 SWAP_LABELS = {
@@ -196,7 +192,7 @@ def best_constant_metrics(fractions: torch.Tensor, grid: int) -> tuple[dict[str,
         recalls.append((iou[:, :, None] >= thresholds).double().mean(dim=1))  # (chunk, thresholds)
         mious.append(iou.mean(dim=1))
     recall, miou = torch.cat(recalls), torch.cat(mious)
-    best = {f"R@1,IoU={m:g}": float(recall[:, i].max()) for i, m in enumerate(metrics.IOU_THRESHOLDS)}
-    best["mIoU"] = float(miou.max())
+    best = {metrics.recall_key(m): float(recall[:, i].max()) for i, m in enumerate(metrics.IOU_THRESHOLDS)}
+    best["miou"] = float(miou.max())
     s, e = candidates[int(miou.argmax())].tolist()
     return best, (s, e)

@@ -199,12 +199,10 @@ class TvpGroundingTask:
         labels = batch["labels"]
         predicted = tvp_logits_to_seconds(out.logits.detach().float().cpu(), labels[:, 0])
         scores = metrics.grounding_metrics(predicted, labels[:, 1:])
-        parts = {"loss": out.loss, "miou": torch.tensor(scores["mIoU"])}
+        parts = {"loss": out.loss, **{name: torch.tensor(value) for name, value in scores.items()}}
         for name in ("grounding_loss", "word_segment_loss", "query_token_loss"):
             if getattr(out, name, None) is not None:
                 parts[name] = getattr(out, name)
-        for m in metrics.IOU_THRESHOLDS:
-            parts[f"r1_iou{m:g}"] = torch.tensor(scores[f"R@1,IoU={m:g}"])
         return out.loss, parts, out
 
     def artifacts(self, model, batch, output) -> dict[str, np.ndarray | bytes]:
