@@ -46,12 +46,13 @@ class TvpModelSection:
     num_frames: int = 0
     max_img_size: int = 0
     visual_prompt_size: int = 0
-    distance_loss_weight: float = 1.0
-    duration_loss_weight: float = 0.1
+    # Defaults are the model config's (one definition, TvpConfig's: the reference's values).
+    distance_loss_weight: float = TvpConfig.distance_loss_weight
+    duration_loss_weight: float = TvpConfig.duration_loss_weight
     # The reference's floors under the distance and length terms leave a model trained from scratch with no
     # gradient once its start passes its end (see tvlt_core.models.tvp.tvp_loss); 0 keeps a gradient everywhere.
-    distance_loss_floor: float = 0.2
-    duration_loss_floor: float = 0.4
+    distance_loss_floor: float = TvpConfig.distance_loss_floor
+    duration_loss_floor: float = TvpConfig.duration_loss_floor
 
     def __post_init__(self):
         if self.distance_loss_floor < 0 or self.duration_loss_floor < 0:

@@ -34,11 +34,12 @@ class TvltModelSection:
     a checkpoint brings its own config)."""
 
     preset: Literal["tiny", "base"] = "tiny"
-    pixel_mask_ratio: float = 0.75
-    audio_mask_ratio: float = 0.15
-    audio_mask_type: Literal["frame-level", "patch-level"] = "frame-level"
-    task_matching: bool = True
-    task_mae: bool = True
+    # Defaults are the model config's (one definition, TvltConfig's: the reference's values).
+    pixel_mask_ratio: float = TvltConfig.pixel_mask_ratio
+    audio_mask_ratio: float = TvltConfig.audio_mask_ratio
+    audio_mask_type: Literal["frame-level", "patch-level"] = TvltConfig.audio_mask_type
+    task_matching: bool = TvltConfig.task_matching
+    task_mae: bool = TvltConfig.task_mae
     mismatch_prob: float = 0.5  # share of clips shown with another clip's video for matching
 
     def __post_init__(self):

@@ -132,8 +132,9 @@ class TvpConfig:
 # Helpers: the loss
 # --------------------------------------------------------------------------------------------------------------------
 def tvp_loss(
-    logits: torch.Tensor, labels: torch.Tensor, distance_weight: float = 1.0, duration_weight: float = 0.1,
-    distance_floor: float = 0.2, duration_floor: float = 0.4,
+    logits: torch.Tensor, labels: torch.Tensor, distance_weight: float = TvpConfig.distance_loss_weight,
+    duration_weight: float = TvpConfig.duration_loss_weight, distance_floor: float = TvpConfig.distance_loss_floor,
+    duration_floor: float = TvpConfig.duration_loss_floor,
 ) -> torch.Tensor:
     """Temporal-distance IoU loss of each sample, in fp32.
 
