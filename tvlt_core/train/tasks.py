@@ -18,16 +18,16 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torch import nn
 
 from tvlt_core import metrics
 from tvlt_core.data.batches import TvltBatcher, TvpBatcher
 from tvlt_core.data.stream import Batcher
-from tvlt_core.models.tvlt import TvltConfig, TvltForPreTraining, patchify_audio, patchify_pixels
+from tvlt_core.models.tvlt import TvltConfig, TvltForPreTraining
 from tvlt_core.models.tvp import TvpConfig, TvpForVideoGrounding
 from tvlt_core.models.tvp_aids import TvpForGroundingWithAids
 from tvlt_core.text import TextTokenizer
+from tvlt_core.train import pictures
 from tvlt_core.video import tvp_logits_to_seconds
 
 log = logging.getLogger(__name__)
@@ -64,25 +64,6 @@ def to_device(batch: dict[str, Any], names: list[str], device: torch.device, dty
 
 
 # --- TVLT: masked autoencoding + video-audio matching ---------------------------------------------------------------
-def unpatchify_pixels(patches: torch.Tensor, frames: int, size: int, patch: int) -> torch.Tensor:
-    """Inverse of ``patchify_pixels``: (B, T * (S/P)^2, P * P * C) -> (B, T, C, S, S)."""
-    b, g = patches.shape[0], size // patch
-    x = patches.reshape(b, frames, g, g, patch, patch, -1)
-    return torch.einsum("nthwpqc->ntchpwq", x).reshape(b, frames, -1, size, size)
-
-
-def unpatchify_audio(patches: torch.Tensor, time: int, patch: list[int], freq: int = 128) -> torch.Tensor:
-    """Inverse of ``patchify_audio``: (B, A/p0 * F/p1, p0 * p1) -> (B, 1, A, F)."""
-    b = patches.shape[0]
-    x = patches.reshape(b, time // patch[0], freq // patch[1], patch[0], patch[1], 1)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(b, 1, time, freq)
-
-
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Values in [-1, 1] -> uint8 [0, 255]."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-
-
 @dataclass
 class TvltPretrainTask:
     model_config: TvltConfig = field(default_factory=TvltConfig)
@@ -121,26 +102,7 @@ class TvltPretrainTask:
         original | masked | reconstructed, frames left to right) and ``spectrogram`` (the same three rows)."""
         if getattr(output, "pixel_logits", None) is None:
             return {}
-        c = model.config
-        pixels = batch["pixel_values"][:1].float()  # (1, T, C, S, S)
-        target = patchify_pixels(pixels, c.image_patch_size[0])
-        removed = output.pixel_label_masks[:1].detach().float().cpu()[..., None]  # (1, Np, 1), 1 = removed
-        predicted = output.pixel_logits[:1].detach().float().cpu()
-        shown = [target, target * (1 - removed), target * (1 - removed) + predicted * removed]  # removed: grey
-        t, size = pixels.shape[1], pixels.shape[-1]
-        rows = [unpatchify_pixels(x, t, size, c.image_patch_size[0])[0] for x in shown]  # 3 x (T, C, S, S)
-        grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (C, 3S, T*S)
-        pictures = {"frames": _to_uint8(grid).transpose(1, 2, 0)}
-
-        spectrogram = batch["audio_values"][:1].float()  # (1, 1, A, 128)
-        target = patchify_audio(spectrogram, c.audio_patch_size)
-        removed = output.audio_label_masks[:1].detach().float().cpu()[..., None]
-        predicted = output.audio_logits[:1].detach().float().cpu()
-        shown = [target, target * (1 - removed), target * (1 - removed) + predicted * removed]
-        time = spectrogram.shape[2]
-        rows = [unpatchify_audio(x, time, c.audio_patch_size)[0, 0].T.flip(0) for x in shown]  # low pitch at the bottom
-        pictures["spectrogram"] = _to_uint8(torch.cat(rows, dim=0))  # (3 * 128, A)
-        return pictures
+        return pictures.reconstructions(model.config, batch, output)
 
     def export_config(self, model: TvltForPreTraining) -> dict[str, Any]:
         return model.config.to_hf_dict(type(model).__name__)
@@ -215,16 +177,7 @@ class TvpGroundingTask:
              "predicted": [round(float(p), 3), round(float(q), 3)]}
             for k, s, (d, a, b), (p, q) in zip(batch["keys"], batch["sentences"], labels.tolist(), predicted.tolist())
         ]  # fmt: skip
-        width, lane = 400, 14
-        picture = Image.new("RGB", (width, lane * 3 * len(rows) + 4), "white")
-        draw = ImageDraw.Draw(picture)
-        for i, r in enumerate(rows):
-            y = i * lane * 3 + 2
-            for j, (seg, colour) in enumerate(((r["true"], "green"), (r["predicted"], "blue"))):
-                a, b = (int(width * v / r["duration"]) for v in seg)
-                draw.rectangle([0, y + j * lane, width - 1, y + j * lane + lane - 3], outline="lightgrey")
-                draw.rectangle([min(a, b), y + j * lane, max(a, b), y + j * lane + lane - 3], fill=colour)
-        return {"segments.json": json.dumps(rows, indent=1).encode(), "segments": np.asarray(picture)}
+        return {"segments.json": json.dumps(rows, indent=1).encode(), "segments": pictures.segments(rows)}
 
     def export_config(self, model: TvpForVideoGrounding) -> dict[str, Any]:
         return {**model.config.to_dict(), "architectures": [TvpForVideoGrounding.__name__]}
