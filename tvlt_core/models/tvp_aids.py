@@ -117,9 +117,10 @@ class TvpForGroundingWithAids(TvpForVideoGrounding):
     ) -> TvpAidedOutput:
         """As ``TvpForVideoGrounding.forward``, plus the targets ``TvpBatcher(aids=True)`` makes: the video's
         ``word_segments`` (B, V, 2) and ``word_segment_mask`` (B, V), and ``query_token_mask`` (B, L)."""
+        asked_hidden = kwargs.pop("output_hidden_states", False)
         out = super().forward(input_ids, *args, output_hidden_states=True, **kwargs)
         fields = {k: getattr(out, k) for k in vars(out)}
-        fields["hidden_states"] = out.hidden_states if kwargs.get("output_hidden_states") else None
+        fields["hidden_states"] = out.hidden_states if asked_hidden else None
         fields["grounding_loss"] = loss = out.loss
         length = input_ids.shape[1]
         if loss is not None and self.word_segment_weight and word_segment_mask is not None:
@@ -128,7 +129,7 @@ class TvpForGroundingWithAids(TvpForVideoGrounding):
             fields["word_segment_loss"], loss = aid, loss + self.word_segment_weight * aid
         if loss is not None and self.query_token_weight and query_token_mask is not None:
             labels = kwargs.get("labels", args[2] if len(args) > 2 else None)
-            middle = out.hidden_states[(len(out.hidden_states)) // 2]  # after layer ceil(n / 2): halfway up
+            middle = out.hidden_states[len(out.hidden_states) // 2]  # after layer ceil(n / 2): halfway up
             words = middle[:, NUM_TEXT_PROMPTS:NUM_TEXT_PROMPTS + length]  # (B, L, D)
             target = (labels[:, 1:] / labels[:, :1]).float()[:, None, :].expand(-1, length, -1)
             aid = segment_l1(self.query_token_head(words)[:, :, 0], target, query_token_mask)
