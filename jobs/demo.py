@@ -3,7 +3,7 @@ the synthetic corpus), ending with models that beat their baselines on held-out 
 
     make demo                      # = .venv/bin/python -m jobs.demo
     python -m jobs.demo --work_dir work/demo --corpus.pretrain_videos 40
-    python -m jobs.demo --pretrain.args '[--schedule.max_steps, 10]' --finetune.args '[--schedule.max_steps, 10]'
+    python -m jobs.demo --pretrain.args '[--schedule.max_steps, 50]' --finetune.args '[--schedule.max_steps, 50]'
 
 Stages, each a named function below, in order; everything goes under ``work_dir``:
     corpus      synthetic videos: pretraining clips of the default mix (sizes, rates, durations) and broken files
