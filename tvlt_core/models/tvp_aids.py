@@ -3,7 +3,7 @@
 The reference fine-tunes TVP from an ImageNet ResNet and BERT. Trained from scratch, the model collapses to one
 constant segment within a few dozen steps: its visual token is the mean over frames, time reaches it only through
 the per-frame prompts, and before anything is learned the optimiser removes the output's dependence on the input
-(README, "What it shows today"). The aid here gives the visual path a job it can learn without the sentence:
+(README, "What it shows today"). Two aids give the model's parts jobs they can learn before the sentence is used:
 
 word segments: a linear head on the mean of the encoder's last-layer visual tokens predicts, for every vocabulary
     token that occurs in exactly one of the video's sentences, that sentence's (start, end) as fractions of the
@@ -18,11 +18,11 @@ query tokens: a linear head on each query token's hidden state halfway up the en
     each naming word to find its own moment first (attention between a word and the visual tokens is such a
     product), so the pooled token above only has to gather what the query's words found.
 
-``TvpForGroundingWithAids`` is ``TvpForVideoGrounding`` plus the heads of the aids it is given. Its grounding parameters are created first,
-from the same random draws, so with the same seed they start equal to the plain model's; ``grounding_state`` drops
-the head, so an export is the reference's checkpoint layout and loads into ``TvpForVideoGrounding`` (and
-``transformers``) unchanged. With the aid off (weight 0) the job builds the plain model: the reference loss, bit
-for bit.
+``TvpForGroundingWithAids`` is ``TvpForVideoGrounding`` plus the heads of the aids it is given. Its grounding
+parameters are created first, from the same random draws, so with the same seed they start equal to the plain
+model's; ``grounding_state`` drops the heads, so an export is the reference's checkpoint layout and loads into
+``TvpForVideoGrounding`` (and ``transformers``) unchanged. With both aids off (weight 0) the job builds the plain
+model: the reference loss, bit for bit.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def query_token_mask(input_ids: torch.Tensor, own: list[set[int]]) -> torch.Tens
 def segment_l1(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean L1 over the masked rows' (start, end), in fp32: predicted and target (B, N, 2), mask (B, N).
     0 (with a gradient path) when no row is masked in."""
-    err = (predicted.float() - target.float()).abs().sum(-1) * mask.float()  # (B, V)
+    err = (predicted.float() - target.float()).abs().sum(-1) * mask.float()  # (B, N)
     return err.sum() / (2 * mask.float().sum()).clamp(min=1.0)
 
 
@@ -138,11 +138,11 @@ class TvpForGroundingWithAids(TvpForVideoGrounding):
         return TvpAidedOutput(**fields)
 
     def save_pretrained(self, path: str, extra_files: dict[str, bytes] | None = None) -> None:
-        """The reference's folder: ``TvpForVideoGrounding``'s config and weights, without the aid's head."""
+        """The reference's folder: ``TvpForVideoGrounding``'s config and weights, without the aids' heads."""
         config = {**self.config.to_dict(), "architectures": [TvpForVideoGrounding.__name__]}
         write_folder(path, config, self.grounding_state(self.state_dict()), extra_files)
 
     @staticmethod
     def grounding_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The reference model's parameters of an aided state dict (the aid's head dropped)."""
+        """The reference model's parameters of an aided state dict (the aids' heads dropped)."""
         return {k: v for k, v in state.items() if not k.startswith(AID_HEADS)}

@@ -34,6 +34,7 @@ from tvlt_core.train.tasks import Task
 
 log = logging.getLogger(__name__)
 
+
 class NonFiniteLossError(RuntimeError):
     """More than ``optim.max_nonfinite_steps`` steps had a NaN or infinite loss or gradient on some rank; every
     rank raises it at the same step, after skipping that step's update."""
