@@ -4,21 +4,26 @@
 
 Each component receives only its own section: the reader gets ``ClipConfig``/``GroundingConfig``, the writer
 ``ShardConfig``, the Ray graph ``ResourceConfig``, listing and I/O ``StorageConfig``, probe and decoder
-``LimitConfig``, retries ``FailureConfig``. ``recipe()`` is the part of the configuration that decides the bytes of
-a sample; its hash is stored in every sample and in the manifest, and an output folder refuses a second recipe.
+``LimitConfig``, retries ``FailureConfig``. ``mode_recipe()`` is the mode's recipe, which the stages ask what the
+mode makes of a video (``pipelines.recipes``), and ``recipe()`` its description: the part of the configuration that
+decides the bytes of a sample; its hash is stored in every sample and in the manifest, and an output folder refuses
+a second recipe.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pipelines.failures import RetryPolicy, single_try_s3fs
 from tvlt_core import recipe  # torch-free: the Ray workers that import this config need not import torch
-from tvlt_core import shards
+from tvlt_core.shards import Mode
 from tvlt_core.clips import SAMPLING
 from tvlt_core.recipe import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES
+
+if TYPE_CHECKING:
+    from pipelines.recipes import Recipe
 
 # The longest clip whose spectrogram fits the model: 2048 frames of 512 samples at 44.1 kHz (about 23.8 s).
 MAX_CLIP_S = recipe.MAX_FRAMES * recipe.HOP_LENGTH / recipe.SAMPLE_RATE
@@ -265,7 +270,7 @@ class PreprocessConfig:
 
     input: str = ""
     output: str = ""
-    mode: shards.Mode = "pretrain"
+    mode: Mode = "pretrain"
     sources: SourceConfig = field(default_factory=SourceConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     clips: ClipConfig = field(default_factory=ClipConfig)
@@ -288,24 +293,15 @@ class PreprocessConfig:
             raise ValueError("output: required, the folder URL the shards and manifest.json go to")
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ValueError(f"output={self.output!r}: must differ from input")
-        if self.mode == "grounding" and not self.grounding.annotations:
-            raise ValueError("grounding.annotations: grounding mode needs at least one annotation file")
-        if self.mode == "grounding" and self.clips.sampling != "exact":
-            raise ValueError(f"clips.sampling={self.clips.sampling!r}: grounding samples exact frames (a segment's "
-                             "edges must be where the annotation puts them); keyframe sampling is for pretraining")
-        if self.mode == "pretrain" and self.grounding.annotations:
-            raise ValueError("grounding.annotations: given in pretrain mode, where they would be ignored")
+        self.mode_recipe()  # the mode's own rules (``pipelines.recipes``): grounding needs annotations, say
+
+    def mode_recipe(self) -> Recipe:
+        """The recipe of this mode (``pipelines.recipes``): what the stages make of each video."""
+        from pipelines import recipes  # they import the stage-side modules, which import this config
+
+        return recipes.for_config(self)
 
     def recipe(self) -> dict:
-        """Everything that decides a sample's bytes (not where it comes from or goes to, nor resources)."""
-        common = {"format": shards.FORMAT, "mode": self.mode, "jpeg_quality": shards.JPEG_QUALITY,
-                  "frame_sampling": "segment-centre", "resize": "PIL-bilinear"}
-        if self.mode == "grounding":
-            return {**common, "frames": self.grounding.frames, "longest_edge": self.grounding.size}
-        mel = {"sample_rate": recipe.SAMPLE_RATE, "n_fft": recipe.N_FFT, "hop": recipe.HOP_LENGTH,
-               "mel_bins": recipe.NUM_MEL_BINS, "max_frames": recipe.MAX_FRAMES, "dtype": "float16"}
-        clips = {"length_s": self.clips.length_s, "stride_s": self.clips.stride_s,
-                 "min_length_s": self.clips.min_length_s, "frames": self.clips.frames, "size": self.clips.size}
-        if self.clips.sampling == "keyframe":  # exact mode's recipe (and hash) is what it was before the setting
-            common["frame_sampling"] = "keyframe-nearest-segment-centre"
-        return {**common, "clips": clips, "mel": mel, "missing_audio": self.audio.missing}
+        """Everything that decides a sample's bytes (``Recipe.describe``): stored in the manifest, hashed into
+        every sample."""
+        return self.mode_recipe().describe()

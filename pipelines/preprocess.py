@@ -22,7 +22,6 @@ object store that is two transfers per shard byte, both on the workers' links: t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -32,11 +31,11 @@ from dataclasses import dataclass, field
 
 import ray
 
-from pipelines import annotations as ann
 from pipelines import state, writer
 from pipelines.config import PreprocessConfig, ResourceConfig
 from pipelines.failures import Retries, RetryPolicy, retrying, transient_reason
 from pipelines.lease import Lease
+from pipelines.rows import ResultRow
 from pipelines.sources import list_sources
 from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
 from pipelines.stats import RunStats
@@ -179,16 +178,14 @@ class Packer:
         self.in_flight: list[_Shard] = []
         self._commit, self._start_shard = commit, start_shard
 
-    def add(self, result: dict) -> None:
-        src = self.sources[result["order"]]
-        log.debug("result: source %d segment %d%s", result["order"], result["seg"],
-                  " (failed)" if result["failure"] else "")
-        if result["failure"]:
-            src.failure = json.loads(result["failure"])
+    def add(self, result: ResultRow) -> None:
+        src = self.sources[result.order]
+        log.debug("result: source %d segment %d%s", result.order, result.seg, " (failed)" if result.failure else "")
+        if result.failure is not None:
+            src.failure = result.failure
         else:
-            src.n_segs = result["n_segs"]
-            summary = {**json.loads(result["summary"]), "bytes": result["part_bytes"]}
-            src.parts[result["seg"]] = (result["part_url"], summary)
+            src.n_segs = result.n_segs
+            src.parts[result.seg] = (result.part_url, {**result.summary, "bytes": result.part_bytes})
         while self.next < len(self.sources) and self.sources[self.next].complete:
             self._pack(self.sources[self.next])
             self.next += 1
@@ -240,7 +237,8 @@ class Job:
         options = cfg.storage.options(cfg.output)
         self.lease = Lease(cfg.output, options, cfg.lease)
         self.out = state.Output(cfg.output, options, lease=None if cfg.dry_run else self.lease)
-        self.recipe = cfg.recipe()
+        self.mode_recipe = cfg.mode_recipe()
+        self.recipe = self.mode_recipe.describe()
         self.recipe_hash = shards.recipe_hash(self.recipe)
         self.started_ray = False
         self.read_urls: dict[str, str] = {}
@@ -255,15 +253,7 @@ class Job:
         sources = self.store(lambda: list_sources(cfg.input, cfg.sources, cfg.storage), f"listing {cfg.input}")
         # Signed URLs are read from the current listing only (a resumed plan holds none: they are credentials).
         self.read_urls = {s.uri: s.read_url for s in sources if s.read_url}
-        if cfg.mode == "pretrain":
-            return state.plan_rows(sources)
-        table = ann.load(cfg.grounding, cfg.storage)
-        matched = {s.uri: [q.to_json() for q in ann.queries_for(s.uri, table)] for s in sources}
-        annotated = [s for s in sources if matched[s.uri]]
-        if len(annotated) < len(sources):
-            log.info("grounding: %d listed video(s) have no queries in the annotation files and are skipped",
-                     len(sources) - len(annotated))
-        return state.plan_rows(annotated, matched)
+        return self.mode_recipe.plan_rows(sources, cfg.storage)
 
     def run(self) -> Result:
         """Take the output folder's lease first (``LeaseHeld``: another run is writing there, and this one does
@@ -407,13 +397,12 @@ class Job:
         cfg, out = self.cfg, self.out
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
-        settings = StageSettings(mode=cfg.mode, clips=cfg.clips, grounding=cfg.grounding, audio=cfg.audio,
-                                 storage=cfg.storage, recipe_hash=self.recipe_hash,
+        settings = StageSettings(recipe=self.mode_recipe, storage=cfg.storage, recipe_hash=self.recipe_hash,
                                  work_url=f"{out.work_url(gen.id)}/run-{self.lease.run_id}",
                                  decode_timeout_s=cfg.resources.decode_timeout_s, limits=cfg.limits,
                                  clips_per_row=cfg.resources.clips_per_row, scratch_dir=cfg.resources.scratch_dir,
                                  retry=cfg.failures.policy())
-        rows = [initial_row(r, i, self.read_urls.get(r["uri"], "")) for i, r in enumerate(todo)]
+        graph_rows = [initial_row(r, i, self.read_urls.get(r["uri"], "")) for i, r in enumerate(todo)]
         reasons: Counter = Counter()
         deferred: Counter = Counter()
 
@@ -452,20 +441,20 @@ class Job:
         # Rewritten shards take indices 0..len(rewrite)-1; packed shards follow, continuing after a restart.
         taken = [shards.shard_index(s.name) for s in manifest.shards if s.generation == gen.id]
         first_index = max([len(plan.rewrite)] + [i + 1 for i in taken])
-        packer = Packer(rows, first_index, cfg.shards.target_bytes, commit, start_shard)
-        dataset = build_dataset(rows, settings, cfg.resources)
+        packer = Packer(todo, first_index, cfg.shards.target_bytes, commit, start_shard)
+        dataset = build_dataset(graph_rows, settings, cfg.resources)
         try:
-            for result in dataset.iter_rows():
+            for row in dataset.iter_rows():
+                result = ResultRow.from_row(row)
                 stats.first_result_s = stats.first_result_s or time.perf_counter() - t0
-                stats.retried += result["retries"]
+                stats.retried += result.retries
                 packer.add(result)
-                for stage, seconds in json.loads(result["timing"]).items():
+                for stage, seconds in result.timing.items():
                     stats.stage_seconds[stage] = stats.stage_seconds.get(stage, 0.0) + seconds
-                if not result["failure"]:
-                    summary = json.loads(result["summary"])
-                    stats.clips += summary["clips"]
-                    if result["seg"] == 0:
-                        stats.video_seconds += summary["duration"]
+                if result.failure is None:
+                    stats.clips += result.summary["clips"]
+                    if result.seg == 0:
+                        stats.video_seconds += result.summary["duration"]
             packer.finish()
         except BaseException:
             stop_all(assembling)  # nothing of this run writes shards after it has failed

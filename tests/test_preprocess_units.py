@@ -18,7 +18,8 @@ from jobs.preprocess import main
 from pipelines import state, writer
 from tvlt_core import clips
 from pipelines.config import MAX_CLIP_S, PreprocessConfig, SourceConfig, StorageConfig
-from pipelines.config import AudioConfig, ClipConfig, GroundingConfig
+from pipelines.config import AudioConfig, ClipConfig
+from pipelines.recipes import PretrainRecipe
 from pipelines.failures import RetryPolicy
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
 from pipelines.sources import list_sources
@@ -192,8 +193,8 @@ def test_a_hung_decoder_is_killed_at_the_timeout(synthetic_corpus):
 def test_the_decode_stage_survives_decoder_crashes_retrying_then_deferring(synthetic_corpus, tmp_path):
     videos = [str(synthetic_corpus.path(v)) for v in synthetic_corpus.of_kind("pretrain")[:3]]
     crash_once, crash_always, fine = videos
-    settings = StageSettings(mode="pretrain", clips=ClipConfig(length_s=2.0, stride_s=2.0, min_length_s=0.5),
-                             grounding=GroundingConfig(), audio=AudioConfig(), storage=StorageConfig(),
+    settings = StageSettings(recipe=PretrainRecipe(ClipConfig(length_s=2.0, stride_s=2.0, min_length_s=0.5),
+                                                   AudioConfig()), storage=StorageConfig(),
                              recipe_hash="r", work_url=str(tmp_path), decode_timeout_s=120, clips_per_row=16,
                              retry=RetryPolicy(attempts=2, backoff_s=0.1, max_backoff_s=0.1))
     probe, decode = ProbeStage(settings), DecodeStage(settings, finish=False)  # keep the decoded arrays
