@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory without installing
+from tvlt_core.input_spec import TVP_MAX_TEXT_LENGTH  # noqa: E402  (torch-free numbers, after the path)
 
 IMPLEMENTATIONS = ("ours", "reference")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -125,7 +126,7 @@ def build_tvlt(case: Case, impl: str, device: torch.device, dtype: torch.dtype):
 
 # -------------------------------------------------------------------------------------------------------- TVP
 
-TVP_TEXT_TOKENS = 100  # tvlt_core.text's default max_text_length; about half of each row is padding
+TVP_TEXT_TOKENS = TVP_MAX_TEXT_LENGTH  # the default tokenizer length; about half of each row is padding
 
 
 def build_tvp(case: Case, impl: str, device: torch.device, dtype: torch.dtype):

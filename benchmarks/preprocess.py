@@ -138,24 +138,24 @@ def recipe_one(path: str, sampling: str = "exact") -> int:
     written. (h) passes ``sampling="keyframe"``."""
     import torch
 
-    from pipelines import reader
+    from pipelines import decoders
     from tvlt_core import shards
     from tvlt_core.audio import log_mel
     from tvlt_core.resize import FrameResize
 
     torch.set_num_threads(1)  # as in the job's actors (Ray sets OMP_NUM_THREADS to their 1 CPU)
-    info = reader.probe(path)
+    info = decoders.probe(path)
     windows = clips.windows(info["duration"], LENGTH_S, LENGTH_S, 1.0)  # the job plans from the probe
-    out = reader.decode_frames(path, [clips.frame_times(c, FRAMES).tolist() for c in windows],
+    out = decoders.decode_frames(path, [clips.frame_times(c, FRAMES).tolist() for c in windows],
                                FrameResize("center_crop", 224), (info["height"], info["width"]), sampling,
                                [[c.start, c.end] for c in windows])  # fmt: skip
-    sound = reader.decode_audio_windows(path, [[c.start, c.end] for c in windows])
+    sound = decoders.decode_audio_windows(path, [[c.start, c.end] for c in windows])
     n = 0
     for frames, wave in zip(out["frames"], sound["audio"], strict=True):
         encoded = [shards.encode_jpeg(f) for f in frames]
         encoded.append(shards.encode_npy(log_mel(wave, sound["audio_rate"]).numpy().astype(np.float16)))
         n += len(encoded)
-    reader.release()
+    decoders.release()
     return n
 
 

@@ -32,7 +32,7 @@ from pipelines.lease import LeaseHeld, LeaseLost
 from pipelines.preprocess import StoreUnavailable
 from pipelines.preprocess import run as run_preprocess
 from pipelines.sources import InputNotFound
-from pipelines.state import ManifestConflict, RecipeMismatch
+from pipelines.manifests import ManifestConflict, RecipeMismatch
 
 log = logging.getLogger("preprocess")
 # The spelling of the two switches; the config parser knows them as booleans.

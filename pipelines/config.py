@@ -2,7 +2,7 @@
 
     python jobs/preprocess.py --input URL --output URL --mode pretrain --clips.length_s 10 --shards.target_bytes 1e8
 
-Each component receives only its own section: the reader gets ``ClipConfig``/``GroundingConfig``, the writer
+Each component receives only its own section: the recipes get ``ClipConfig``/``GroundingConfig``, the writer
 ``ShardConfig``, the Ray graph ``ResourceConfig``, listing and I/O ``StorageConfig``, probe and decoder
 ``LimitConfig``, retries ``FailureConfig``. ``mode_recipe()`` is the mode's recipe, which the stages ask what the
 mode makes of a video (``pipelines.recipes``), and ``recipe()`` its description: the part of the configuration that
@@ -17,16 +17,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from pipelines.failures import RetryPolicy, single_try_s3fs
-from tvlt_core import recipe  # torch-free: the Ray workers that import this config need not import torch
+from tvlt_core import input_spec  # torch-free: the Ray workers that import this config need not import torch
 from tvlt_core.shards import Mode
 from tvlt_core.clips import SAMPLING
-from tvlt_core.recipe import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES
+from tvlt_core.input_spec import TVLT_IMAGE_SIZE, TVLT_NUM_FRAMES
 
 if TYPE_CHECKING:
     from pipelines.recipes import Recipe
 
 # The longest clip whose spectrogram fits the model: 2048 frames of 512 samples at 44.1 kHz (about 23.8 s).
-MAX_CLIP_S = recipe.MAX_FRAMES * recipe.HOP_LENGTH / recipe.SAMPLE_RATE
+MAX_CLIP_S = input_spec.MAX_FRAMES * input_spec.HOP_LENGTH / input_spec.SAMPLE_RATE
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 
 
@@ -93,9 +93,9 @@ class ClipConfig:
     each centre: several times faster to decode, frames up to half a keyframe interval off; README, "Frame
     sampling")."""
 
-    length_s: float = recipe.CLIP_LENGTH_S
-    stride_s: float = recipe.CLIP_STRIDE_S
-    min_length_s: float = recipe.CLIP_MIN_LENGTH_S
+    length_s: float = input_spec.CLIP_LENGTH_S
+    stride_s: float = input_spec.CLIP_STRIDE_S
+    min_length_s: float = input_spec.CLIP_MIN_LENGTH_S
     frames: int = TVLT_NUM_FRAMES
     size: int = TVLT_IMAGE_SIZE
     sampling: str = "exact"
@@ -106,14 +106,14 @@ class ClipConfig:
         if not 0 < self.length_s <= MAX_CLIP_S + 1e-9:
             raise ValueError(
                 f"clips.length_s={self.length_s}: must be in (0, {MAX_CLIP_S:.3f}] s, the longest audio a "
-                f"{recipe.MAX_FRAMES}-frame spectrogram holds"
+                f"{input_spec.MAX_FRAMES}-frame spectrogram holds"
             )
         if self.stride_s <= 0:
             raise ValueError(f"clips.stride_s={self.stride_s}: must be > 0")
         if not 0 < self.min_length_s <= self.length_s:
             raise ValueError(f"clips.min_length_s={self.min_length_s}: must be in (0, clips.length_s]")
         # A log-mel frame needs more than N_FFT / 2 samples at 44.1 kHz (reflect padding).
-        shortest = (recipe.N_FFT // 2 + 1) / recipe.SAMPLE_RATE
+        shortest = (input_spec.N_FFT // 2 + 1) / input_spec.SAMPLE_RATE
         if self.min_length_s < shortest:
             raise ValueError(f"clips.min_length_s={self.min_length_s}: a spectrogram needs at least {shortest:.3f} s")
         if self.frames < 1 or self.size < 16:
@@ -127,8 +127,8 @@ class GroundingConfig:
 
     annotations: list[str] = field(default_factory=list)  # local paths or URLs
     format: Literal["charades_sta", "activitynet"] = "charades_sta"
-    frames: int = recipe.GROUNDING_FRAMES
-    size: int = recipe.GROUNDING_SIZE
+    frames: int = input_spec.GROUNDING_FRAMES
+    size: int = input_spec.GROUNDING_SIZE
 
     def __post_init__(self):
         if self.frames < 1 or self.size < 16:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from pipelines import state, writer
+from pipelines import manifests, writer
 from pipelines.config import PreprocessConfig, ResourceConfig
 from pipelines.failures import Retries, RetryPolicy, retrying, transient_reason
 from pipelines.lease import Lease
@@ -236,7 +236,7 @@ class Job:
         self.cfg = cfg
         options = cfg.storage.options(cfg.output)
         self.lease = Lease(cfg.output, options, cfg.lease)
-        self.out = state.Output(cfg.output, options, lease=None if cfg.dry_run else self.lease)
+        self.out = manifests.Output(cfg.output, options, lease=None if cfg.dry_run else self.lease)
         self.mode_recipe = cfg.mode_recipe()
         self.recipe = self.mode_recipe.describe()
         self.recipe_hash = shards.recipe_hash(self.recipe)
@@ -276,7 +276,7 @@ class Job:
         cfg, t0 = self.cfg, time.perf_counter()
         manifest = self.store(self.out.load, "loading the manifest")
         if manifest is not None:
-            state.check_recipe(manifest, cfg.mode, self.recipe, cfg.output)
+            manifests.check_recipe(manifest, cfg.mode, self.recipe, cfg.output)
         rows = self.list_rows()
         log.info("listed %d source(s) under %s", len(rows), redact_text(cfg.input))
         results: list[RunStats] = []
@@ -288,7 +288,7 @@ class Job:
                     return Result([stats], self.describe(plan, None, manifest, resume=True))
                 results.append(self.execute(manifest, plan, stats, t0))
                 t0 = time.perf_counter()
-            d = state.diff(manifest, rows, cfg.retry_quarantined)
+            d = manifests.diff(manifest, rows, cfg.retry_quarantined)
             stats = RunStats(listed=len(rows), new=len(d.new), changed=len(d.changed), unchanged=d.unchanged,
                              gone=len(d.gone), retry=len(d.retry))
             if not d.new and not d.changed and not d.retry:
@@ -307,18 +307,18 @@ class Job:
             if self.started_ray:
                 ray.shutdown()
 
-    def new_plan(self, manifest: shards.Manifest | None, d: state.Diff) -> state.Plan:
+    def new_plan(self, manifest: shards.Manifest | None, d: manifests.Diff) -> manifests.Plan:
         sources = sorted(d.new + d.changed + d.retry, key=lambda r: (r["sid"], r["uri"]))
         changed = sorted(r["uri"] for r in d.changed)
         rewrite = sorted({manifest.sources[u]["shard"] for u in changed
                           if manifest.sources[u].get("status") == "ok" and manifest.sources[u].get("shard")})
-        return state.Plan(generation=(manifest.generation if manifest else 0) + 1, sources=sources,
+        return manifests.Plan(generation=(manifest.generation if manifest else 0) + 1, sources=sources,
                           rewrite=rewrite, changed=changed)
 
-    def describe(self, plan: state.Plan, d: state.Diff | None, manifest, resume: bool) -> str:
+    def describe(self, plan: manifests.Plan, d: manifests.Diff | None, manifest, resume: bool) -> str:
         lines = [f"output {redact_text(self.cfg.output)}: mode {self.cfg.mode}, recipe {self.recipe_hash}"]
         if resume:
-            done = state.committed_in(manifest, plan.generation)
+            done = manifests.committed_in(manifest, plan.generation)
             lines.append(f"resume generation {plan.generation}: {len(plan.sources) - len(done)} of "
                          f"{len(plan.sources)} planned source(s) still to do")
         else:
@@ -334,7 +334,7 @@ class Job:
         return "\n".join(lines)
 
     # ---- executing a generation
-    def execute(self, manifest: shards.Manifest | None, plan: state.Plan, stats: RunStats, t0: float) -> RunStats:
+    def execute(self, manifest: shards.Manifest | None, plan: manifests.Plan, stats: RunStats, t0: float) -> RunStats:
         cfg, out = self.cfg, self.out
         if not self.started_ray and not ray.is_initialized():
             res = cfg.resources
@@ -343,7 +343,7 @@ class Job:
             manifest = shards.Manifest(mode=cfg.mode, recipe=self.recipe, recipe_hash=self.recipe_hash)
         if manifest.pending is None:
             self.store(lambda: out.save_plan(plan), "writing the plan")
-            gen = state.begin(manifest, plan)
+            gen = manifests.begin(manifest, plan)
         else:
             gen = manifest.pending
             gen.attempts += 1
@@ -351,7 +351,7 @@ class Job:
         self.store(lambda: out.save(manifest), "committing the manifest")
         stats.generation, stats.attempt = gen.id, gen.attempts
         self.rewrite(manifest, gen, plan, stats)
-        done = state.committed_in(manifest, gen.id)
+        done = manifests.committed_in(manifest, gen.id)
         todo = [r for r in plan.sources if r["uri"] not in done]
         stats.skipped, stats.inputs = len(plan.sources) - len(todo), len(todo)
         log.info("generation %d: %d source(s) to process%s", gen.id, len(todo),
@@ -359,7 +359,7 @@ class Job:
         stats.startup_s = time.perf_counter() - t0
         if todo:
             self.process(manifest, gen, plan, todo, stats, t0)
-        gen.finished, gen.plan = state.now(), ""  # the plan goes with the work folder
+        gen.finished, gen.plan = manifests.now(), ""  # the plan goes with the work folder
         self.store(lambda: out.save(manifest), "committing the manifest")
         stats.status, stats.wall_s = "done", time.perf_counter() - t0
         stats.retried, self.retries.count = stats.retried + self.retries.count, 0
@@ -370,7 +370,7 @@ class Job:
         self.store(out.finish, "deleting the work folder")
         return stats
 
-    def rewrite(self, manifest: shards.Manifest, gen: shards.Generation, plan: state.Plan, stats: RunStats) -> None:
+    def rewrite(self, manifest: shards.Manifest, gen: shards.Generation, plan: manifests.Plan, stats: RunStats) -> None:
         """Drop the changed sources' old samples: rewrite each older shard holding some, then commit."""
         listed = {s.name: s for s in manifest.shards}
         changed = set(plan.changed)
@@ -386,13 +386,13 @@ class Job:
                                      sha256=res["sha256"]) if res["keys"] else None)
             if new is None:
                 self.store(lambda: writer.remove([self.out.path(name)], self.out.options), f"removing {name}")
-            state.apply_rewrite(manifest, gen, old, new, changed)
+            manifests.apply_rewrite(manifest, gen, old, new, changed)
             self.store(lambda: self.out.save(manifest), "committing the manifest")
             stats.rewritten_shards += 1
             log.info("rewrote %s as %s without %d changed source(s)", old, name if new else "(nothing left)",
                      len(changed))
 
-    def process(self, manifest: shards.Manifest, gen: shards.Generation, plan: state.Plan, todo: list[dict],
+    def process(self, manifest: shards.Manifest, gen: shards.Generation, plan: manifests.Plan, todo: list[dict],
                 stats: RunStats, t0: float) -> None:
         cfg, out = self.cfg, self.out
         ctx = ray.data.DataContext.get_current()
@@ -424,7 +424,7 @@ class Job:
                 stats.shards += 1
                 stats.samples += entry.samples
                 stats.bytes += entry.bytes
-            state.record_sources(manifest, gen, entry, shard.outcomes, cfg.failures.crash_runs)
+            manifests.record_sources(manifest, gen, entry, shard.outcomes, cfg.failures.crash_runs)
             self.store(lambda: out.save(manifest), "committing the manifest")
             for row, outcome in shard.outcomes:
                 if "reason" in outcome:
@@ -436,7 +436,7 @@ class Job:
             self.store(lambda: writer.remove(shard.part_urls, out.options), "removing spooled parts")
             log.info("committed %s: %d source(s), %d sample(s); %d/%d sources done",
                      entry.name if entry else "no shard", len(shard.outcomes), entry.samples if entry else 0,
-                     len(state.committed_in(manifest, gen.id)), gen.inputs)
+                     len(manifests.committed_in(manifest, gen.id)), gen.inputs)
 
         # Rewritten shards take indices 0..len(rewrite)-1; packed shards follow, continuing after a restart.
         taken = [shards.shard_index(s.name) for s in manifest.shards if s.generation == gen.id]

@@ -62,7 +62,7 @@ class SourceRow:
 
     @classmethod
     def from_plan(cls, plan_row: dict, order: int, read_url: str = "") -> SourceRow:
-        """A plan row (``pipelines.state.plan_rows``, JSON columns ``extra`` and ``queries``) at plan position
+        """A plan row (``pipelines.manifests.plan_rows``, JSON columns ``extra`` and ``queries``) at plan position
         ``order``, read from ``read_url`` (its ``uri`` when empty)."""
         return cls(order=order, uri=plan_row["uri"], read_url=read_url or plan_row["uri"], sid=plan_row["sid"],
                    size=plan_row["size"], etag=plan_row["etag"], mtime=plan_row["mtime"],

@@ -5,7 +5,7 @@ dies takes its whole batch and, after Ray's retries, the job with it. So the dec
 child (``python -m pipelines.sandbox``) per actor and send it one request at a time over a pipe:
 
     parent (Ray actor)                                child (this module's ``main``)
-    call("decode_frames", path=..., ...)   -- pickle -->   reader.SANDBOXED["decode_frames"](**kwargs)
+    call("decode_frames", path=..., ...)   -- pickle -->   decoders.SANDBOXED["decode_frames"](**kwargs)
                                            <-- pickle --   ("ok", result) | ("error", type, message, reason)
 
 The child may run under a memory limit (``limit_memory``): an input whose decoding fails an allocation under it
@@ -14,10 +14,10 @@ A child that exits or is killed mid-call (crash), or does not answer within the 
 crash), raises ``SandboxCrash``; the next call starts a fresh child. ``call_with_retry`` retries a crash, and a
 store or network failure inside the child (``SandboxError.transient``), with the backoff of its ``RetryPolicy``,
 then gives up: the caller defers the input (``pipelines.failures``: both are transient). An input error inside the
-child (``reader.INPUT_ERRORS``: demuxer and decoder errors, local I/O errors) is a clean failure (``SandboxError``,
+child (``decoders.INPUT_ERRORS``: demuxer and decoder errors, local I/O errors) is a clean failure (``SandboxError``,
 not retried: decoding the same bytes again gives the same error). Any other exception is a bug or a broken install,
 not a bad input: it is raised as ``RuntimeError`` so the job fails instead of quarantining every input.
-Only the functions in ``reader.SANDBOXED`` can be called; messages are pickles between our own two processes.
+Only the functions in ``decoders.SANDBOXED`` can be called; messages are pickles between our own two processes.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class SandboxCrash(RuntimeError):
 
 
 class SandboxError(RuntimeError):
-    """The input failed in the child (one of ``reader.INPUT_ERRORS``): ``type_name``, message, ``reason`` if any;
+    """The input failed in the child (one of ``decoders.INPUT_ERRORS``): ``type_name``, message, ``reason`` if any;
     ``transient`` is the ``failures`` reason code when the store or the network failed, not the input."""
 
     def __init__(self, type_name: str, message: str, reason: str = "", transient: str = ""):
@@ -160,7 +160,7 @@ class Sandbox:
             self._start()
 
     def call(self, name: str, timeout_s: float | None = None, **kwargs) -> Any:
-        """One attempt of ``reader.SANDBOXED[name](**kwargs)`` in the child."""
+        """One attempt of ``decoders.SANDBOXED[name](**kwargs)`` in the child."""
         self.start()
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
@@ -226,7 +226,7 @@ def main() -> None:
     reply_stream = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    from pipelines import reader  # imported here: the child pays decord/PyAV start-up, not the parent
+    from pipelines import decoders  # imported here: the child pays decord/PyAV start-up, not the parent
 
     limit_memory(int(sys.argv[2]) if len(sys.argv) > 2 else 0)
     reply_stream.write(_READY)
@@ -238,12 +238,12 @@ def main() -> None:
             return
         name, kwargs = pickle.loads(requests.read(int.from_bytes(header, "big")))
         try:
-            reply = ("ok", reader.SANDBOXED[name](**kwargs))
+            reply = ("ok", decoders.SANDBOXED[name](**kwargs))
         except MemoryError as e:  # over the limit (numpy, PyAV's ENOMEM): the input is too large for this decoder
             reply = ("error", type(e).__name__, f"out of memory under the decoder's limit: {e}"[:2000], TOO_LARGE, "")
         except Exception as e:  # noqa: BLE001 - classified here: the store's fault, the input's, or a bug
             transient = transient_reason(e)  # a remote read the store or the network failed: not the input
-            if transient or isinstance(e, reader.INPUT_ERRORS):
+            if transient or isinstance(e, decoders.INPUT_ERRORS):
                 reply = ("error", type(e).__name__, str(e)[:2000], getattr(e, "reason", ""), transient)
             else:  # a bug or a broken install: goes back whole, so the job fails loudly
                 reply = ("bug", type(e).__name__, str(e)[:2000], traceback.format_exc())

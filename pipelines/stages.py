@@ -38,7 +38,7 @@ from pipelines.recipes import Recipe
 from pipelines.rows import NO_AUDIO, NO_FRAMES, ResultRow, SegmentRow, SourceRow, add_time
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError, failure_reason
 from tvlt_core import clips as clipping
-from tvlt_core import recipe, shards
+from tvlt_core import input_spec, shards
 from tvlt_core.redaction import redact_text
 from tvlt_core.uris import is_remote, local_path
 
@@ -303,7 +303,7 @@ def _log_mel(seg: SegmentRow, settings: StageSettings) -> None:
         if rate and len(wave) >= min_samples(rate):
             mels.append(log_mel(wave, rate).numpy().astype(np.float16))
         else:
-            mels.append(np.zeros((0, recipe.NUM_MEL_BINS), np.float16))
+            mels.append(np.zeros((0, input_spec.NUM_MEL_BINS), np.float16))
     seg.mel_bounds = np.concatenate([[0], np.cumsum([len(m) for m in mels])]).astype(np.int64)
     seg.mel = np.concatenate(mels)
 

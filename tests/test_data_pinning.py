@@ -33,7 +33,7 @@ JOB_TIMEOUT_S = 600
 
 def incremental_run(folder, *, retire: str, add_samples: int, seed: int = 7) -> None:
     """What an incremental preprocessing run does to a folder: a new generation whose shard replaces ``retire``
-    in the manifest (the old file is kept for readers on an older manifest, as pipelines/state.py does)."""
+    in the manifest (the old file is kept for readers on an older manifest, as pipelines/manifests.py does)."""
     from tests.conftest import write_shards
 
     scratch = f"{folder}-gen2"

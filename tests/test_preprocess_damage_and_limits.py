@@ -20,7 +20,7 @@ import pytest
 from fixtures.odd_media import bit_rot, damage_packets, write_cheap_long, write_video
 
 from jobs.preprocess import main
-from pipelines import reader
+from pipelines import decoders
 from pipelines.config import LimitConfig
 from pipelines.sandbox import Sandbox, SandboxError
 from tvlt_core import clips
@@ -68,11 +68,11 @@ def _samples_by_clip(out: Path, uri: str) -> dict[int, shards.DecodedSample]:
 def test_frames_resized_in_the_decoder_are_the_frames_resized_after_it(media):
     times = [clips.frame_times(c, 8).tolist() for c in clips.windows(12.0, 2.0, 2.0, 0.5)]
     try:
-        whole = reader.decode_frames(str(media["clean"]), times)
-        reader.release()
-        resized = reader.decode_frames(str(media["clean"]), times, FrameResize("center_crop", 224), (180, 320))
+        whole = decoders.decode_frames(str(media["clean"]), times)
+        decoders.release()
+        resized = decoders.decode_frames(str(media["clean"]), times, FrameResize("center_crop", 224), (180, 320))
     finally:
-        reader.release()
+        decoders.release()
     assert not whole["lost"] and not resized["lost"]
     for full, small in zip(whole["frames"], resized["frames"], strict=True):
         assert full.shape == (8, 180, 320, 3) and small.shape == (8, 224, 224, 3)
@@ -82,10 +82,10 @@ def test_frames_resized_in_the_decoder_are_the_frames_resized_after_it(media):
 def test_damage_costs_only_the_clips_whose_frames_it_touches(media):
     times = [clips.frame_times(c, 8).tolist() for c in clips.windows(12.0, 2.0, 2.0, 0.5)]
     try:
-        clean = reader.decode_frames(str(media["clean"]), times, FrameResize("center_crop", 224), (180, 320))
-        damaged = reader.decode_frames(str(media["bitrot"]), times, FrameResize("center_crop", 224), (180, 320))
+        clean = decoders.decode_frames(str(media["clean"]), times, FrameResize("center_crop", 224), (180, 320))
+        damaged = decoders.decode_frames(str(media["bitrot"]), times, FrameResize("center_crop", 224), (180, 320))
     finally:
-        reader.release()
+        decoders.release()
     assert 0 < len(damaged["lost"]) < len(times), damaged["lost"]
     for k, (reason, error) in damaged["lost"].items():
         first, last = clean["indices"][k][0], clean["indices"][k][-1]
@@ -106,11 +106,11 @@ def test_a_clip_that_needs_a_concealed_frame_is_lost_once_the_file_is_known_dama
     idx = clips.frame_indices(np.array(times[1]), starts).tolist()
     assert np.abs(vr.get_batch(idx).asnumpy().astype(int) - clean_vr.get_batch(idx).asnumpy()).max() > 0
     try:
-        clean = reader.decode_frames(str(media["clean"]), times, FrameResize("center_crop", 224), (180, 320))
-        reader.release()
-        damaged = reader.decode_frames(str(media["concealed"]), times, FrameResize("center_crop", 224), (180, 320))
+        clean = decoders.decode_frames(str(media["clean"]), times, FrameResize("center_crop", 224), (180, 320))
+        decoders.release()
+        damaged = decoders.decode_frames(str(media["concealed"]), times, FrameResize("center_crop", 224), (180, 320))
     finally:
-        reader.release()
+        decoders.release()
     lost = {k: reason for k, (reason, _) in damaged["lost"].items()}
     assert lost[1] == "concealed_frames" and lost[5] == "undecodable_frames", damaged["lost"]
     # every clip whose decode chain (from the keyframe at 0 s) holds the 3 s packet is lost; clip 0 is not

@@ -22,7 +22,7 @@ import fsspec
 import pytest
 
 from jobs.preprocess import EXIT_HELD
-from pipelines import conditional, lease, state
+from pipelines import conditional, lease, manifests
 from pipelines.config import LeaseConfig
 from tvlt_core import shards
 
@@ -95,7 +95,7 @@ def test_of_writers_racing_from_one_version_exactly_one_wins(tmp_path):
 
 def test_a_manifest_commit_in_between_is_detected_and_not_overwritten(folder):
     base, options = folder
-    ours, theirs = state.Output(base, options), state.Output(base, options)
+    ours, theirs = manifests.Output(base, options), manifests.Output(base, options)
     manifest = shards.Manifest(mode="pretrain", recipe={"r": 1}, recipe_hash="h")
     ours.save(manifest)
     mine = ours.load()
@@ -103,14 +103,14 @@ def test_a_manifest_commit_in_between_is_detected_and_not_overwritten(folder):
     other.generations.append(shards.Generation(id=1, started="t0", finished="t1"))
     theirs.save(other)
     mine.generations.append(shards.Generation(id=7, started="t0"))
-    with pytest.raises(state.ManifestConflict, match="changed by another writer"):
+    with pytest.raises(manifests.ManifestConflict, match="changed by another writer"):
         ours.save(mine)
     assert [g.id for g in shards.Manifest.from_json(read(f"{base}/manifest.json", options).decode()).generations] == [1]
     # Two runs that both find no manifest: the second create is refused as well.
     fresh = f"{base}/other"
-    state.Output(fresh, options).save(manifest)
-    late = state.Output(fresh, options)
-    with pytest.raises(state.ManifestConflict):
+    manifests.Output(fresh, options).save(manifest)
+    late = manifests.Output(fresh, options)
+    with pytest.raises(manifests.ManifestConflict):
         late.save(shards.Manifest(mode="grounding", recipe={}, recipe_hash="g"))
 
 

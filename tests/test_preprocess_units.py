@@ -15,7 +15,7 @@ from fixtures.processes import Killer
 
 from jobs.config import ConfigError, parse
 from jobs.preprocess import main
-from pipelines import state, writer
+from pipelines import manifests, writer
 from tvlt_core import clips
 from pipelines.config import MAX_CLIP_S, PreprocessConfig, SourceConfig, StorageConfig
 from pipelines.config import AudioConfig, ClipConfig
@@ -199,7 +199,7 @@ def test_the_decode_stage_survives_decoder_crashes_retrying_then_deferring(synth
                              retry=RetryPolicy(attempts=2, backoff_s=0.1, max_backoff_s=0.1))
     probe, decode = ProbeStage(settings), DecodeStage(settings, finish=False)  # keep the decoded arrays
     listed = list_sources(str(synthetic_corpus.root / "pretrain" / "pt_0000[012].mp4"), SourceConfig(), StorageConfig())
-    rows = {row["uri"]: probe(initial_row(row, i)) for i, row in enumerate(state.plan_rows(listed))}
+    rows = {row["uri"]: probe(initial_row(row, i)) for i, row in enumerate(manifests.plan_rows(listed))}
     killers = [Killer(crash_once, times=1), Killer(crash_always, times=1000)]
     for killer in killers:
         killer.start()
@@ -263,24 +263,24 @@ def _manifest(statuses: dict[str, str]) -> shards.Manifest:
 
 def test_diff_finds_new_changed_unchanged_and_gone_sources():
     m = _manifest({"/a": "ok", "/b": "quarantined", "/c": "ok", "/g": "ok"})
-    d = state.diff(m, [_row("/a"), _row("/b"), _row("/c", mtime="2"), _row("/n")])
+    d = manifests.diff(m, [_row("/a"), _row("/b"), _row("/c", mtime="2"), _row("/n")])
     assert ([r["uri"] for r in d.new], [r["uri"] for r in d.changed], d.unchanged, d.gone) == (
         ["/n"], ["/c"], 2, ["/g"])
     # grounding: new queries for an unchanged file redo its sample
     m.sources["/a"]["annotations"] = "h1"
-    assert [r["uri"] for r in state.diff(m, [_row("/a", annotations="h2")]).changed] == ["/a"]
+    assert [r["uri"] for r in manifests.diff(m, [_row("/a", annotations="h2")]).changed] == ["/a"]
 
 
 def test_deferred_sources_are_retried_by_the_next_run_and_quarantined_ones_on_request():
     m = _manifest({"/ok": "ok", "/q": "quarantined", "/d": "deferred", "/dc": "deferred"})
     rows = [_row("/ok"), _row("/q"), _row("/d"), _row("/dc", mtime="2")]
-    d = state.diff(m, rows)
+    d = manifests.diff(m, rows)
     assert ([r["uri"] for r in d.retry], [r["uri"] for r in d.changed], d.unchanged) == (["/d"], ["/dc"], 2)
-    d = state.diff(m, rows, retry_quarantined=True)
+    d = manifests.diff(m, rows, retry_quarantined=True)
     assert ([r["uri"] for r in d.retry], d.unchanged) == (["/q", "/d"], 1)
     # a deferred outcome is recorded as such, counted per run in a row, and is not in the quarantine view
     gen = shards.Generation(id=2, started="t")
-    state.record_sources(m, gen, None, [(_row("/d"), {"stage": "decode", "reason": "throttled", "error": "503",
+    manifests.record_sources(m, gen, None, [(_row("/d"), {"stage": "decode", "reason": "throttled", "error": "503",
                                                       "deferred": True})])
     assert (m.sources["/d"]["status"], m.sources["/d"]["deferrals"], gen.deferred, gen.quarantined) == (
         "deferred", 1, 1, 0)
@@ -288,7 +288,7 @@ def test_deferred_sources_are_retried_by_the_next_run_and_quarantined_ones_on_re
     # a decoder that crashed on the same file in crash_runs runs in a row: the file is the cause, quarantined
     crash = {"stage": "decode", "reason": "decoder_crash", "error": "killed by SIGSEGV", "deferred": True}
     for run in (1, 2, 3):
-        state.record_sources(m, gen, None, [(_row("/dc", mtime="2"), crash)], crash_runs=3)
+        manifests.record_sources(m, gen, None, [(_row("/dc", mtime="2"), crash)], crash_runs=3)
         assert (m.sources["/dc"]["status"], m.sources["/dc"].get("deferrals")) == (
             ("deferred", run) if run < 3 else ("quarantined", None))
 
@@ -296,10 +296,10 @@ def test_deferred_sources_are_retried_by_the_next_run_and_quarantined_ones_on_re
 def test_an_output_folder_refuses_a_second_recipe():
     cfg = PreprocessConfig(input="/in", output="/out")
     m = shards.Manifest(mode="pretrain", recipe=cfg.recipe(), recipe_hash=shards.recipe_hash(cfg.recipe()))
-    state.check_recipe(m, "pretrain", cfg.recipe(), "/out")
+    manifests.check_recipe(m, "pretrain", cfg.recipe(), "/out")
     other = PreprocessConfig(input="/in", output="/out", clips=type(cfg.clips)(length_s=5.0, stride_s=5.0))
-    with pytest.raises(state.RecipeMismatch, match="clips"):
-        state.check_recipe(m, "pretrain", other.recipe(), "/out")
+    with pytest.raises(manifests.RecipeMismatch, match="clips"):
+        manifests.check_recipe(m, "pretrain", other.recipe(), "/out")
 
 
 def test_keyframe_sampling_has_its_own_recipe_and_exact_keeps_the_old_one():
@@ -309,8 +309,8 @@ def test_keyframe_sampling_has_its_own_recipe_and_exact_keeps_the_old_one():
     assert keyframe.recipe()["frame_sampling"] == "keyframe-nearest-segment-centre"
     assert shards.recipe_hash(keyframe.recipe()) != shards.recipe_hash(exact.recipe())
     m = shards.Manifest(mode="pretrain", recipe=exact.recipe(), recipe_hash=shards.recipe_hash(exact.recipe()))
-    with pytest.raises(state.RecipeMismatch, match="frame_sampling"):
-        state.check_recipe(m, "pretrain", keyframe.recipe(), "/out")
+    with pytest.raises(manifests.RecipeMismatch, match="frame_sampling"):
+        manifests.check_recipe(m, "pretrain", keyframe.recipe(), "/out")
 
 
 def test_probe_side_of_the_pipeline_does_not_import_torch():

@@ -32,7 +32,7 @@ from tests.fixtures.servers import free_port, start_http_service, stop_service
 from jobs.evaluate import main as evaluate_main
 from jobs.preprocess import main as preprocess_main
 from tvlt_core import shards
-from tvlt_core.checkpoint import PREPROCESSING_NAME, read_folder
+from tvlt_core.hf_folder import PREPROCESSING_NAME, read_folder
 from tvlt_core.data.stream import read_shard
 from tvlt_core.eval.settings import eval_units
 from tvlt_core.models.tvlt import TvltForPreTraining, tvlt_tiny

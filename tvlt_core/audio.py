@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from tvlt_core.recipe import HOP_LENGTH, MAX_FRAMES, N_FFT, NUM_MEL_BINS, SAMPLE_RATE  # noqa: F401  (re-exported)
+from tvlt_core.input_spec import HOP_LENGTH, MAX_FRAMES, N_FFT, NUM_MEL_BINS, SAMPLE_RATE  # noqa: F401  (re-exported)
 TIME_PATCH = 16  # audio_patch_size[0]
 FREQ_PATCH = 16  # audio_patch_size[1]
 POWER_FLOOR = 1e-10  # -100 dB

@@ -1,5 +1,5 @@
 """Reading a video the way preprocessing does, for every caller that starts from a raw file: the preprocessing
-decoder child (``pipelines.reader``) and serving (``tvlt_core.serving``), so a served model sees the frames and
+decoder child (``pipelines.decoders``) and serving (``tvlt_core.serving``), so a served model sees the frames and
 audio its shards were made of.
 
     local_video(uri)                 -> a local path decord and PyAV open (remote objects downloaded once)

@@ -20,6 +20,8 @@ import fsspec
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from tvlt_core.input_spec import TVP_MAX_TEXT_LENGTH
+
 log = logging.getLogger(__name__)
 
 VOCAB_NAME = "vocab.txt"
@@ -27,7 +29,7 @@ TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0-4 in vocabularies we build; [PAD] = 0 as in BERT
-DEFAULT_MAX_TEXT_LENGTH = 100  # the length the reference's TVP examples pad to
+DEFAULT_MAX_TEXT_LENGTH = TVP_MAX_TEXT_LENGTH
 
 
 def _bert_pipeline(model: models.Model, lowercase: bool) -> Tokenizer:

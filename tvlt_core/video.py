@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from tvlt_core import resize
-from tvlt_core.recipe import TVLT_IMAGE_SIZE
+from tvlt_core.input_spec import TVLT_IMAGE_SIZE, TVP_IMAGE_SIZE, TVP_NUM_FRAMES  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------------------------------- TVLT
 
@@ -112,9 +112,6 @@ def pad_videos(
 # Padding with 0 before normalising is what makes the border -1, as in the reference; the flip to BGR is what
 # the pretrained checkpoints expect. ``tvp_logits_to_seconds`` turns the model's (start, end) fractions back
 # into seconds.
-
-TVP_IMAGE_SIZE = 448
-TVP_NUM_FRAMES = 48
 
 
 def tvp_resize_pad(frames: np.ndarray | torch.Tensor, size: int = TVP_IMAGE_SIZE) -> np.ndarray:

@@ -58,7 +58,7 @@ class Recipe(abc.ABC):
 
     @abc.abstractmethod
     def plan_rows(self, sources: list[Source], storage: StorageConfig) -> list[dict]:
-        """The plan rows (``pipelines.state.plan_rows``) of the listed sources this mode takes."""
+        """The plan rows (``pipelines.manifests.plan_rows``) of the listed sources this mode takes."""
 
     @abc.abstractmethod
     def record_fields(self, source: SourceRow, audio_rate: int, mel_frames: int) -> dict:

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from pipelines import state
+from pipelines import manifests
 from pipelines.annotations import load as load_annotations
 from pipelines.annotations import queries_for
 from pipelines.recipes.base import Recipe
@@ -62,7 +62,7 @@ class GroundingRecipe(Recipe):
         if len(annotated) < len(sources):
             log.info("grounding: %d listed video(s) have no queries in the annotation files and are skipped",
                      len(sources) - len(annotated))
-        return state.plan_rows(annotated, matched)
+        return manifests.plan_rows(annotated, matched)
 
     def record_fields(self, source: SourceRow, audio_rate: int, mel_frames: int) -> dict:
         return {"queries": source.queries}

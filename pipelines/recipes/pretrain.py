@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from pipelines import state
+from pipelines import manifests
 from pipelines.recipes.base import Recipe
 from tvlt_core import clips as clipping
-from tvlt_core import recipe as tvlt
+from tvlt_core import input_spec
 from tvlt_core.resize import FrameResize
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class PretrainRecipe(Recipe):
         return f"{duration:.3f} s of video, less than clips.min_length_s={self.clips.min_length_s}"
 
     def plan_rows(self, sources: list[Source], storage: StorageConfig) -> list[dict]:
-        return state.plan_rows(sources)
+        return manifests.plan_rows(sources)
 
     def record_fields(self, source: SourceRow, audio_rate: int, mel_frames: int) -> dict:
         audio = source.probe["audio"] or {}
@@ -65,8 +65,8 @@ class PretrainRecipe(Recipe):
 
     def describe(self) -> dict:
         common = self._common()
-        mel = {"sample_rate": tvlt.SAMPLE_RATE, "n_fft": tvlt.N_FFT, "hop": tvlt.HOP_LENGTH,
-               "mel_bins": tvlt.NUM_MEL_BINS, "max_frames": tvlt.MAX_FRAMES, "dtype": "float16"}
+        mel = {"sample_rate": input_spec.SAMPLE_RATE, "n_fft": input_spec.N_FFT, "hop": input_spec.HOP_LENGTH,
+               "mel_bins": input_spec.NUM_MEL_BINS, "max_frames": input_spec.MAX_FRAMES, "dtype": "float16"}
         c = self.clips
         clips = {"length_s": c.length_s, "stride_s": c.stride_s, "min_length_s": c.min_length_s, "frames": c.frames,
                  "size": c.size}

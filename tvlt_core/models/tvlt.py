@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tvlt_core.checkpoint import load_matching, read_folder, write_folder
+from tvlt_core.hf_folder import load_matching, read_folder, write_folder
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tvlt_core.checkpoint import load_matching, read_folder, write_folder
+from tvlt_core.hf_folder import load_matching, read_folder, write_folder
 from tvlt_core.models.resnet import ResNetBackbone, ResNetConfig, resnet50_config, resnet_tiny_config
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from tvlt_core.checkpoint import write_folder
+from tvlt_core.hf_folder import write_folder
 from tvlt_core.models.tvp import NUM_TEXT_PROMPTS, TvpConfig, TvpForVideoGrounding, TvpVideoGroundingOutput, _init_weights
 
 # where the aids' parameters sit in the aided model's state dict

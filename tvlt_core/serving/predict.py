@@ -41,8 +41,8 @@ import pandas as pd
 import torch
 
 from tvlt_core import clips as clipping
-from tvlt_core import media, recipe, shards
-from tvlt_core.checkpoint import PREPROCESSING_NAME
+from tvlt_core import input_spec, media, shards
+from tvlt_core.hf_folder import PREPROCESSING_NAME
 from tvlt_core.redaction import public_uri
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,13 @@ class ServingRecipe:
     """The part of a preprocessing recipe (``PreprocessConfig.recipe()``) that decides a model's inputs."""
 
     jpeg_quality: int = shards.JPEG_QUALITY
-    grounding_frames: int = recipe.GROUNDING_FRAMES
-    grounding_size: int = recipe.GROUNDING_SIZE
-    clip_length_s: float = recipe.CLIP_LENGTH_S
-    clip_stride_s: float = recipe.CLIP_STRIDE_S
-    clip_min_length_s: float = recipe.CLIP_MIN_LENGTH_S
-    clip_frames: int = recipe.TVLT_NUM_FRAMES
-    clip_size: int = recipe.TVLT_IMAGE_SIZE
+    grounding_frames: int = input_spec.GROUNDING_FRAMES
+    grounding_size: int = input_spec.GROUNDING_SIZE
+    clip_length_s: float = input_spec.CLIP_LENGTH_S
+    clip_stride_s: float = input_spec.CLIP_STRIDE_S
+    clip_min_length_s: float = input_spec.CLIP_MIN_LENGTH_S
+    clip_frames: int = input_spec.TVLT_NUM_FRAMES
+    clip_size: int = input_spec.TVLT_IMAGE_SIZE
     clip_sampling: str = "exact"  # tvlt_core.clips.SAMPLING
 
     @classmethod

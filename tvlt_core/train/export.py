@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tvlt_core import distributed
-from tvlt_core.checkpoint import PREPROCESSING_NAME, write_folder
+from tvlt_core.hf_folder import PREPROCESSING_NAME, write_folder
 from tvlt_core.tracking import RunTracker, model_card
 from tvlt_core.train.engine import full_state_dict
 from tvlt_core.train.tasks import Task
