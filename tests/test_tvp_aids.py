@@ -9,6 +9,7 @@ import torch
 from jobs.config import ConfigError, parse
 from jobs.finetune_tvp import FinetuneConfig
 from tvlt_core.data import StreamingLoader
+from tvlt_core.hf_folder import read_folder
 from tvlt_core.models.tvp import TvpForVideoGrounding, tvp_loss, tvp_tiny_config
 from tvlt_core.models.tvp_aids import TvpForGroundingWithAids, query_token_mask, segment_l1, word_segment_targets
 from tvlt_core.text import TextTokenizer, build_vocab
@@ -140,12 +141,12 @@ def test_an_export_is_the_reference_layout(grounding_batches, tmp_path):
     tokenizer, folder, _ = grounding_batches
     task = make_task(folder, tokenizer.vocab_size, 1.0, 1.0)
     aided = task.build_model()
-    exported = task.export_state(aided.state_dict())
+    aided.save_pretrained(str(tmp_path / "out"), state_dict=aided.state_dict())  # as the run's export calls it
+    config, exported = read_folder(str(tmp_path / "out"))
     assert {k.split(".")[0] for k in aided.state_dict()} - {k.split(".")[0] for k in exported} == {
         "word_segment_head", "query_token_head"}
     assert set(exported) == set(TvpForVideoGrounding(aided.config).state_dict())
-    assert task.export_config(aided)["architectures"] == ["TvpForVideoGrounding"]
-    aided.save_pretrained(str(tmp_path / "out"))
+    assert config["architectures"] == ["TvpForVideoGrounding"]
     loaded = TvpForVideoGrounding.from_pretrained(str(tmp_path / "out"))  # strict: no missing or extra name
     assert torch.equal(loaded.state_dict()["video_grounding_head.layer_1.weight"],
                        aided.state_dict()["video_grounding_head.layer_1.weight"])  # fmt: skip

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from tvlt_core import resize
-from tvlt_core.input_spec import TVLT_IMAGE_SIZE, TVP_IMAGE_SIZE, TVP_NUM_FRAMES  # noqa: F401  (re-exported)
+from tvlt_core.input_spec import TVLT_IMAGE_SIZE, TVP_IMAGE_SIZE
 
 # ----------------------------------------------------------------------------------------------------- TVLT
 

@@ -27,6 +27,7 @@ Where we differ from the reference, on purpose:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -388,9 +389,12 @@ class TvltPreTrainedModel(nn.Module):
         log.info("loaded %s from %s", cls.__name__, path)
         return model
 
-    def save_pretrained(self, path: str) -> None:
-        """Write ``config.json`` + ``model.safetensors`` that ``transformers``' TVLT classes load by name."""
-        write_folder(path, self.config.to_hf_dict(type(self).__name__), self.state_dict())
+    def save_pretrained(self, path: str, state_dict: Mapping[str, torch.Tensor] | None = None,
+                        extra_files: dict[str, bytes] | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` that ``transformers``' TVLT classes load by name: this
+        model's weights, or ``state_dict`` (a training run's, gathered from its ranks), + ``extra_files``."""
+        state = self.state_dict() if state_dict is None else state_dict
+        write_folder(path, self.config.to_hf_dict(type(self).__name__), state, extra_files)
 
 
 class TvltModel(TvltPreTrainedModel):

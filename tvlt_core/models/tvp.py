@@ -28,6 +28,7 @@ was trained that way, so we keep it for numeric parity. "framedownpad" masks its
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 import logging
 import math
 from dataclasses import dataclass, field
@@ -473,10 +474,12 @@ class _TvpPretrained(nn.Module):
         log.info("loaded %s from %s", cls.__name__, path)
         return model
 
-    def save_pretrained(self, path: str, extra_files: dict[str, bytes] | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (+ ``extra_files``, e.g. the tokenizer's vocab)."""
+    def save_pretrained(self, path: str, state_dict: Mapping[str, torch.Tensor] | None = None,
+                        extra_files: dict[str, bytes] | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors``: this model's weights, or ``state_dict`` (a training run's,
+        gathered from its ranks), + ``extra_files`` (e.g. the tokenizer's vocab)."""
         config = {**self.config.to_dict(), "architectures": [type(self).__name__]}
-        write_folder(path, config, self.state_dict(), extra_files)
+        write_folder(path, config, self.state_dict() if state_dict is None else state_dict, extra_files)
 
 
 # --------------------------------------------------------------------------------------------------------------------

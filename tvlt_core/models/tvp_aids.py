@@ -137,10 +137,13 @@ class TvpForGroundingWithAids(TvpForVideoGrounding):
         fields["loss"] = loss
         return TvpAidedOutput(**fields)
 
-    def save_pretrained(self, path: str, extra_files: dict[str, bytes] | None = None) -> None:
-        """The reference's folder: ``TvpForVideoGrounding``'s config and weights, without the aids' heads."""
+    def save_pretrained(self, path: str, state_dict: Mapping[str, torch.Tensor] | None = None,
+                        extra_files: dict[str, bytes] | None = None) -> None:
+        """The reference's folder: ``TvpForVideoGrounding``'s config and weights (this model's, or ``state_dict``),
+        without the aids' heads."""
         config = {**self.config.to_dict(), "architectures": [TvpForVideoGrounding.__name__]}
-        write_folder(path, config, self.grounding_state(self.state_dict()), extra_files)
+        state = self.state_dict() if state_dict is None else state_dict
+        write_folder(path, config, self.grounding_state(state), extra_files)
 
     @staticmethod
     def grounding_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

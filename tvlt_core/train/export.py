@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tvlt_core import distributed
-from tvlt_core.hf_folder import PREPROCESSING_NAME, write_folder
+from tvlt_core.hf_folder import PREPROCESSING_NAME
 from tvlt_core.tracking import RunTracker, model_card
 from tvlt_core.train.engine import full_state_dict
 from tvlt_core.train.tasks import Task
@@ -37,7 +37,7 @@ def export_and_register(
             files = {**task.export_files(), "README.md": card.encode()}
             if settings.dataset is not None and settings.dataset.recipe:  # how serving turns a video into inputs
                 files[PREPROCESSING_NAME] = json.dumps(dict(settings.dataset.recipe), indent=1, sort_keys=True).encode()
-            write_folder(folder, task.export_config(engine.module), task.export_state(state), files)
+            engine.module.save_pretrained(folder, state_dict=state, extra_files=files)  # its own config and layout
             version = tracker.export_model(
                 folder, registered_model=settings.tracking.registered_model, aliases=settings.tracking.aliases,
                 description=card, artifact_path=artifact_path, step=step,

@@ -5,8 +5,8 @@ tracking) is shared. A task is a small picklable object the job builds and Ray s
     batcher(model)                 -> the loader's per-task sample transform and collate
     forward(model, batch, device)  -> (loss, {metric name: scalar tensor}, model output)
     artifacts(model, batch, output)-> {name: uint8 image array (logged with log_image at the step) or file bytes}
-    export_config(model), export_files() -> config.json dict and extra files of the Hugging Face folder
-    export_state(state)            -> the gathered weights as the exported folder holds them
+    export_files()                 -> extra files of the exported Hugging Face folder (the model's own
+                                      ``save_pretrained(path, state_dict=...)`` writes its config and weights)
 """
 
 from __future__ import annotations
@@ -46,11 +46,7 @@ class Task(Protocol):
 
     def artifacts(self, model: nn.Module, batch: dict[str, Any], output: Any) -> dict[str, np.ndarray | bytes]: ...
 
-    def export_config(self, model: nn.Module) -> dict[str, Any]: ...
-
     def export_files(self) -> dict[str, bytes]: ...
-
-    def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 def to_device(batch: dict[str, Any], names: list[str], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -104,14 +100,8 @@ class TvltPretrainTask:
             return {}
         return pictures.reconstructions(model.config, batch, output)
 
-    def export_config(self, model: TvltForPreTraining) -> dict[str, Any]:
-        return model.config.to_hf_dict(type(model).__name__)
-
     def export_files(self) -> dict[str, bytes]:
         return {}
-
-    def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return state
 
 
 # --- TVP: temporal grounding -------------------------------------------------------------------------------------------
@@ -179,12 +169,5 @@ class TvpGroundingTask:
         ]  # fmt: skip
         return {"segments.json": json.dumps(rows, indent=1).encode(), "segments": pictures.segments(rows)}
 
-    def export_config(self, model: TvpForVideoGrounding) -> dict[str, Any]:
-        return {**model.config.to_dict(), "architectures": [TvpForVideoGrounding.__name__]}
-
     def export_files(self) -> dict[str, bytes]:
         return self.tokenizer().files()
-
-    def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The reference's layout: the aids' heads is training help only and is not exported."""
-        return TvpForGroundingWithAids.grounding_state(state)
