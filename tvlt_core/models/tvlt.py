@@ -215,13 +215,25 @@ def frame_position(within: torch.Tensor, across: torch.Tensor, type_embed: torch
     return pos.reshape(1, steps * k, within.shape[-1])
 
 
-class TvltPixelEmbeddings(nn.Module):
+class _PatchEmbeddings(nn.Module):
+    """A non-overlapping patch projection (``patch_embeddings.projection``, the checkpoints' name)."""
+
+    def __init__(self, channels: int, hidden: int, patch: int | tuple[int, int]):
+        super().__init__()
+        self.patch_embeddings = _named(projection=nn.Conv2d(channels, hidden, kernel_size=patch, stride=patch))
+
+    def project(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, D, H/P, W/P), in the projection's dtype."""
+        conv = self.patch_embeddings.projection
+        return conv(images.to(conv.weight.dtype))
+
+
+class TvltPixelEmbeddings(_PatchEmbeddings):
     """Patch embedding + spatial position (repeated per frame) + temporal (per frame) + modality type."""
 
     def __init__(self, config: TvltConfig):
-        super().__init__()
-        d, p = config.hidden_size, config.image_patch_size
-        self.patch_embeddings = _named(projection=nn.Conv2d(config.num_image_channels, d, kernel_size=p, stride=p))
+        d = config.hidden_size
+        super().__init__(config.num_image_channels, d, config.image_patch_size)
         self.type_embed_v = nn.Parameter(torch.zeros(1, 1, d))
         self.temporal_embed = nn.Parameter(torch.zeros(1, config.num_frames, d))
         self.pos_embed_v = nn.Parameter(torch.zeros(1, config.patches_per_frame, d))
@@ -235,27 +247,24 @@ class TvltPixelEmbeddings(nn.Module):
                 f"pixel_values {tuple(pixel_values.shape)}: the model takes up to {self.num_frames} frames of "
                 f"{self.image_size} x {self.image_size}"
             )
-        conv = self.patch_embeddings.projection
-        x = conv(pixel_values.flatten(0, 1).to(conv.weight.dtype))  # (B*T, D, H/P, W/P)
+        x = self.project(pixel_values.flatten(0, 1))  # (B*T, D, H/P, W/P)
         x = x.flatten(2).transpose(1, 2).reshape(b, -1, x.shape[1])
         return x + frame_position(self.pos_embed_v, self.temporal_embed, self.type_embed_v, t)
 
 
-class TvltAudioEmbeddings(nn.Module):
+class TvltAudioEmbeddings(_PatchEmbeddings):
     """Patch embedding + frequency (repeated per time step) + time position (per step) + modality type."""
 
     def __init__(self, config: TvltConfig):
-        super().__init__()
         d, p = config.hidden_size, config.audio_patch_size
-        self.patch_embeddings = _named(projection=nn.Conv2d(config.num_audio_channels, d, kernel_size=p, stride=p))
+        super().__init__(config.num_audio_channels, d, p)
         self.type_embed_a = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed_a = nn.Parameter(torch.zeros(1, config.spectrogram_length // p[0], d))
         self.freq_embed = nn.Parameter(torch.zeros(1, config.freq_patches, d))
 
     def forward(self, audio_values: torch.Tensor) -> torch.Tensor:
         """(B, 1, A, 128) -> (B, Na, D), time-major."""
-        conv = self.patch_embeddings.projection
-        x = conv(audio_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)  # (B, A/16 * F, D)
+        x = self.project(audio_values).flatten(2).transpose(1, 2)  # (B, A/16 * F, D)
         steps = x.shape[1] // self.freq_embed.shape[1]
         if steps > self.pos_embed_a.shape[1]:
             raise ValueError(f"audio of {steps} time patches is longer than spectrogram_length allows")
