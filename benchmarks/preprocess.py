@@ -286,18 +286,11 @@ def driver_io() -> dict[str, int]:
     return {k: int(counters[k]) for k in ("rchar", "wchar")}
 
 
-class _PassProbe:
-    """Stands in for ProbeStage in (d): no sandbox, no imports, the row goes through."""
+class _PassDecode:
+    """Stands in for DecodeStage in (d): no sandbox, no imports, one result per source."""
 
     def __init__(self, settings):
         pass
-
-    def __call__(self, row: dict) -> dict:
-        return row
-
-
-class _PassDecode(_PassProbe):
-    """Stands in for DecodeStage in (d): one result per source."""
 
     def __call__(self, row: dict):
         yield row
@@ -311,7 +304,7 @@ def timed_ray_data_alone(n_sources: int) -> dict:
 
     start, first = time.perf_counter(), None
     rows = [{"order": i} for i in range(n_sources)]
-    for _ in build_dataset(rows, None, ResourceConfig(), _PassProbe, _PassDecode).iter_rows():
+    for _ in build_dataset(rows, None, ResourceConfig(), _PassDecode).iter_rows():
         first = first or time.perf_counter() - start
     return {"first_result_s": first, "wall_s": time.perf_counter() - start}
 

@@ -191,17 +191,16 @@ class LimitConfig:
 
 @dataclass
 class ResourceConfig:
-    """Ray resources. The defaults fit a 2-core, 24 GiB machine and scale with the cluster unchanged: one probe actor
-    per 8 decoders, and as many decoders as the cluster's CPUs hold at ``decode_cpus`` each. A decoder actor also
-    runs log-mel, encode and write for its rows (about 15% of its time), so one decoder keeps one core busy.
+    """Ray resources. The defaults fit a 2-core, 24 GiB machine and scale with the cluster unchanged: as many
+    decoders as the cluster's CPUs hold at ``decode_cpus`` each. A decoder actor also probes its sources and runs
+    log-mel, encode and write for its rows (about 25% of its time), so one decoder keeps one core busy.
 
     A decoder reserves ``decode_memory_gib``; it holds one segment of at most ``clips_per_row`` clips at a time, so
     memory per decoder stays bounded however long a video is."""
 
-    decoders: int = 0  # 0: (cluster CPUs - probe_cpus) // decode_cpus
+    decoders: int = 0  # 0: cluster CPUs // decode_cpus
     decode_cpus: float = 0.9
     decode_memory_gib: float = 1.5
-    probe_cpus: float = 0.1  # probing reads headers and one frame: a small share of a core
     decode_timeout_s: float = 300.0  # per call; a hung decoder is killed and counts as a crash
     clips_per_row: int = 16
     sources_per_block: int = 1
@@ -210,8 +209,8 @@ class ResourceConfig:
     scratch_dir: str = ""  # remote sources are downloaded here before decoding (default: the system temp dir)
 
     def __post_init__(self):
-        if self.decoders < 0 or self.decode_cpus <= 0 or self.probe_cpus < 0:
-            raise ValueError("resources.decoders must be >= 0, resources.decode_cpus > 0, resources.probe_cpus >= 0")
+        if self.decoders < 0 or self.decode_cpus <= 0:
+            raise ValueError("resources.decoders must be >= 0 and resources.decode_cpus > 0")
         if self.decode_timeout_s <= 0 or self.clips_per_row < 1 or self.sources_per_block < 1:
             raise ValueError("resources.decode_timeout_s, clips_per_row and sources_per_block must be positive")
         if self.object_store_gib < 0.1:

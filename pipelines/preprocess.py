@@ -37,7 +37,7 @@ from pipelines.failures import Retries, RetryPolicy, retrying, transient_reason
 from pipelines.lease import Lease
 from pipelines.rows import ResultRow
 from pipelines.sources import list_sources
-from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
+from pipelines.stages import DecodeStage, StageSettings, initial_row
 from pipelines.stats import RunStats
 from tvlt_core import shards
 from tvlt_core.ray_session import connect_ray
@@ -89,23 +89,21 @@ class Result:
 
 # ------------------------------------------------------------------------------------------------------ Ray set-up
 def decoder_count(res: ResourceConfig) -> int:
-    """Decoders the cluster holds beside the probe actor, or ``res.decoders``."""
+    """Decoders the cluster holds, or ``res.decoders``."""
     if res.decoders:
         return res.decoders
     cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, math.floor((cpus - res.probe_cpus) / res.decode_cpus))
+    return max(1, math.floor(cpus / res.decode_cpus))
 
 
 def build_dataset(rows: list[dict], settings: StageSettings, res: ResourceConfig,
-                  probe_stage: type = ProbeStage, decode_stage: type = DecodeStage) -> ray.data.Dataset:
-    """The graph: rows per source -> ProbeStage actors -> DecodeStage actors (decode, resize, log-mel, encode and
-    write per segment; ``stages`` says why those run in the decoder) -> one small result row per segment.
-    ``benchmarks/preprocess.py`` passes stages that do nothing, to time Ray Data's own share of this graph."""
+                  decode_stage: type = DecodeStage) -> ray.data.Dataset:
+    """The graph: rows per source -> DecodeStage actors (probe, decode, resize, log-mel, encode and write per
+    segment; ``stages`` says why those run in the decoder) -> one small result row per segment.
+    ``benchmarks/preprocess.py`` passes a stage that does nothing, to time Ray Data's own share of this graph."""
     decoders = decoder_count(res)
     blocks = max(1, math.ceil(len(rows) / res.sources_per_block))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map(probe_stage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.probe_cpus,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, decoders // 8)))
     return ds.flat_map(decode_stage, fn_constructor_kwargs={"settings": settings}, num_cpus=res.decode_cpus,
                        memory=int(res.decode_memory_gib * GiB),
                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decoders, initial_size=decoders))

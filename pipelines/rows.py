@@ -1,6 +1,6 @@
 """The rows of the Ray Data graph, declared once: what each column holds, and how it travels.
 
-    SourceRow    one per planned source: driver -> probe actor -> decode actor
+    SourceRow    one per planned source: driver -> decode actor (probe, then decode)
     SegmentRow   one per segment of a source (at most ``resources.clips_per_row`` clips), inside the decode actor:
                  the decoded arrays, then the spectrograms (``DecodeStage(finish=False)`` hands these out)
     ResultRow    one per written segment, or one per failed source: decode actor -> driver, metadata only (the

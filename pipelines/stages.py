@@ -3,8 +3,9 @@ and writes its output once; a row that failed carries a ``failure`` and passes t
 so every planned source reaches the driver as a result, good or bad. What differs between modes is the recipe's
 (``pipelines.recipes``), never a test of the mode here.
 
-    row per source    ProbeStage (actor, sandboxed PyAV)   streams, duration, clips; rejects early what cannot work
-    row per segment   DecodeStage (actor), per segment:
+    row per source    DecodeStage (actor), first:
+                        probe      sandboxed PyAV: streams, duration, clips; rejects early what cannot work
+    row per segment   then per segment:
                         decode     sandboxed, clip by clip: decord frames at the sampled instants, resized there
                                    (TVLT shortest edge + centre crop 224 | TVP longest edge 448), PyAV audio
                                    decoded forward; a clip damage makes undecodable is lost alone (``lost``)
@@ -12,19 +13,22 @@ so every planned source reaches the driver as a result, good or bad. What differ
                         encode     encode_stage: JPEG frames + mel.npy + JSON record -> the segment's tar bytes
                         write      write_stage: the tar to ``_work/gen-G/<sid>-<seg>.tar``; only metadata goes on
 
-log-mel, encode and write run inside the decode actor: Ray Data fuses task stages only into a *following* actor
-stage, and shipping decoded frames and audio through the object store to other worker processes costs more than
-the work itself. They stay separate functions with their own timings. A segment is at most
+Probe, log-mel, encode and write run inside the decode actor: Ray Data fuses task stages only into a *following*
+actor stage, shipping decoded frames and audio through the object store to other worker processes costs more than
+the work itself, and a separate probe pool cost an actor's start-up (Ray Data's imports and a decoder child, about
+3 CPU-seconds) on the way to the first result while its work is about a tenth of a decoder's. They stay separate functions with their own timings. A segment is at most
 ``resources.clips_per_row`` clips of one video: the unit that bounds a row's memory. The decoder child runs under
 ``limits.decoder_memory_gib`` and the probe checks ``limits``' caps, so no input costs more than they allow.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -94,55 +98,45 @@ def sandbox_fail(row: SourceRow, stage: str, error: SandboxCrash | SandboxError,
 
 
 # ---------------------------------------------------------------------------------------------------------- probe
-class ProbeStage:
-    """Open each source (headers and first frames only, through range reads on object stores) and reject early
-    what cannot become samples: unreadable or empty objects, non-videos, no video stream, an undecodable first
-    frame, too short for one clip, no audio where the recipe requires it."""
+def probe_source(row: SourceRow, settings: StageSettings, sandbox: Sandbox) -> None:
+    """Open the source (headers and first frames only, through range reads on object stores) and reject early what
+    cannot become samples: unreadable or empty objects, non-videos, no video stream, an undecodable first frame,
+    too short for one clip, no audio where the recipe requires it. Sets the row's ``probe`` and ``clips``, or its
+    ``failure``."""
+    start = time.perf_counter()
+    if row.failure is None:
+        _probe(row, settings, sandbox)
+    add_time(row.timing, "probe", time.perf_counter() - start)
 
-    def __init__(self, settings: StageSettings):
-        self.settings = settings
-        self.sandbox = Sandbox("probe", timeout_s=settings.decode_timeout_s, retry=settings.retry,
-                               memory_bytes=settings.decoder_memory_bytes)
-        self.sandbox.start()  # while the actor pool starts, not in the first input's time
 
-    def __call__(self, row: dict) -> dict:
-        start, mark = time.perf_counter(), self.sandbox.retries.count
-        src = SourceRow.from_row(row)
-        if src.failure is None:
-            self._probe(src)
-        add_time(src.timing, "probe", time.perf_counter() - start)
-        src.retries += self.sandbox.retries.count - mark
-        return src.to_row()
-
-    def _probe(self, row: SourceRow) -> None:
-        s = self.settings
-        if row.size == 0:
-            return fail(row, "probe", "empty_object", "the object is 0 bytes long")
-        if row.size < 0:
-            return fail(row, "listing", "unreadable", "listed in the input list but not found in the store")
-        if s.limits.max_bytes and row.size > s.limits.max_bytes:  # before reading a byte of it
-            return fail(row, "probe", *s.limits.over(row.size, 0, 0, 0.0))
-        if not is_remote(row.read_url):
-            try:
-                check_local(local_path(row.read_url), row.size, row.mtime)
-            except SourceChanged as e:
-                return fail(row, "probe", failures.SOURCE_CHANGED, str(e), deferred=True)
-            except OSError:
-                pass  # gone or unreadable: the probe says which, with the reason it always gave
+def _probe(row: SourceRow, s: StageSettings, sandbox: Sandbox) -> None:
+    if row.size == 0:
+        return fail(row, "probe", "empty_object", "the object is 0 bytes long")
+    if row.size < 0:
+        return fail(row, "listing", "unreadable", "listed in the input list but not found in the store")
+    if s.limits.max_bytes and row.size > s.limits.max_bytes:  # before reading a byte of it
+        return fail(row, "probe", *s.limits.over(row.size, 0, 0, 0.0))
+    if not is_remote(row.read_url):
         try:
-            info = self.sandbox.call_with_retry("probe", uri=row.read_url, storage_options=s.storage.options(row.uri),
-                                                want_audio=s.recipe.audio, etag=row.etag, version_id=row.version_id)
-        except (SandboxError, SandboxCrash) as e:
-            return sandbox_fail(row, "probe", e, "probe_error")
-        over = s.limits.over(row.size, info["width"], info["height"], info["duration"])
-        if over is not None:
-            return fail(row, "probe", *over)
-        if s.recipe.requires_audio and info["audio"] is None:
-            return fail(row, "probe", "no_audio", f"{info['audio_problem']} (audio.missing=quarantine)")
-        row.clips = s.recipe.plan_clips(info["duration"])
-        if not row.clips:
-            return fail(row, "probe", "too_short", s.recipe.too_short(info["duration"]))
-        row.probe = info
+            check_local(local_path(row.read_url), row.size, row.mtime)
+        except SourceChanged as e:
+            return fail(row, "probe", failures.SOURCE_CHANGED, str(e), deferred=True)
+        except OSError:
+            pass  # gone or unreadable: the probe says which, with the reason it always gave
+    try:
+        info = sandbox.call_with_retry("probe", uri=row.read_url, storage_options=s.storage.options(row.uri),
+                                       want_audio=s.recipe.audio, etag=row.etag, version_id=row.version_id)
+    except (SandboxError, SandboxCrash) as e:
+        return sandbox_fail(row, "probe", e, "probe_error")
+    over = s.limits.over(row.size, info["width"], info["height"], info["duration"])
+    if over is not None:
+        return fail(row, "probe", *over)
+    if s.recipe.requires_audio and info["audio"] is None:
+        return fail(row, "probe", "no_audio", f"{info['audio_problem']} (audio.missing=quarantine)")
+    row.clips = s.recipe.plan_clips(info["duration"])
+    if not row.clips:
+        return fail(row, "probe", "too_short", s.recipe.too_short(info["duration"]))
+    row.probe = info
 
 
 # --------------------------------------------------------------------------------------------------------- decode
@@ -182,10 +176,11 @@ def _download(row: SourceRow, settings: StageSettings, counter: Retries) -> tupl
 
 
 class DecodeStage:
-    """Decode each probed source segment by segment in a sandboxed child (decord frames resized there, PyAV audio),
-    then log-mel, encode and write each segment (see the module docstring): one ``ResultRow`` per segment. A
-    decoder crash or hang is retried once in a fresh child, then the source is quarantined; ``finish=False`` stops
-    after decoding (``SegmentRow``s, with their arrays)."""
+    """Probe each source, then decode it segment by segment in a sandboxed child (decord frames resized there, PyAV
+    audio), then log-mel, encode and write each segment (see the module docstring): one ``ResultRow`` per segment.
+    A decoder crash or hang is retried once in a fresh child, then the source is quarantined; ``finish=False``
+    stops after decoding (``SegmentRow``s, with their arrays). A row already probed (``probe``) is not probed
+    again."""
 
     def __init__(self, settings: StageSettings, finish: bool = True):
         self.settings = settings
@@ -193,13 +188,24 @@ class DecodeStage:
         self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s, retry=settings.retry,
                                memory_bytes=settings.decoder_memory_bytes)
         # Start-up work now, while the pool starts, rather than in the first input's time: the decoder child, and
-        # torch (the log-mel module imports it; the probe actors never do).
+        # torch (the log-mel module imports it) in a thread, so the actor is ready, and its first source probes and
+        # decodes in the child, while torch loads (the log-mel's own import waits for it, if need be).
         self.sandbox.start()
-        import tvlt_core.audio  # noqa: F401
+        threading.Thread(target=importlib.import_module, args=("tvlt_core.audio",), daemon=True).start()
+
+    def probe(self, row: dict) -> dict:
+        """The row probed (``probe_source``), for callers that probe ahead of decoding."""
+        src, mark = SourceRow.from_row(row), self.sandbox.retries.count
+        probe_source(src, self.settings, self.sandbox)
+        src.retries += self.sandbox.retries.count - mark
+        return src.to_row()
 
     def __call__(self, row: dict):
         s, mark = self.settings, self.sandbox.retries.count
-        for seg in self.decode(SourceRow.from_row(row)):
+        src = SourceRow.from_row(row)
+        if src.probe is None:
+            probe_source(src, s, self.sandbox)
+        for seg in self.decode(src):
             # retries made for this segment (the probe's count goes with the first one only)
             seg.source.retries += self.sandbox.retries.count - mark
             mark = self.sandbox.retries.count

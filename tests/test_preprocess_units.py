@@ -23,7 +23,7 @@ from pipelines.recipes import PretrainRecipe
 from pipelines.failures import RetryPolicy
 from pipelines.sandbox import Sandbox, SandboxCrash, SandboxError
 from pipelines.sources import list_sources
-from pipelines.stages import DecodeStage, ProbeStage, StageSettings, initial_row
+from pipelines.stages import DecodeStage, StageSettings, initial_row
 from tvlt_core import shards
 
 
@@ -197,9 +197,10 @@ def test_the_decode_stage_survives_decoder_crashes_retrying_then_deferring(synth
                                                    AudioConfig()), storage=StorageConfig(),
                              recipe_hash="r", work_url=str(tmp_path), decode_timeout_s=120, clips_per_row=16,
                              retry=RetryPolicy(attempts=2, backoff_s=0.1, max_backoff_s=0.1))
-    probe, decode = ProbeStage(settings), DecodeStage(settings, finish=False)  # keep the decoded arrays
+    decode = DecodeStage(settings, finish=False)  # keep the decoded arrays
     listed = list_sources(str(synthetic_corpus.root / "pretrain" / "pt_0000[012].mp4"), SourceConfig(), StorageConfig())
-    rows = {row["uri"]: probe(initial_row(row, i)) for i, row in enumerate(manifests.plan_rows(listed))}
+    # probed before the decoder is attacked (a probed row is not probed again)
+    rows = {row["uri"]: decode.probe(initial_row(row, i)) for i, row in enumerate(manifests.plan_rows(listed))}
     killers = [Killer(crash_once, times=1), Killer(crash_always, times=1000)]
     for killer in killers:
         killer.start()
@@ -219,7 +220,6 @@ def test_the_decode_stage_survives_decoder_crashes_retrying_then_deferring(synth
     assert [r["frames"].tobytes() for r in out[crash_once]] == [r["frames"].tobytes() for r in again]
     assert np.array_equal(out[crash_once][0]["audio"], again[0]["audio"])
     decode.sandbox.close()
-    probe.sandbox.close()
 
 
 # ----------------------------------------------------------------------------------------------- shard writing
