@@ -187,11 +187,12 @@ class DecodeStage:
         self.finish = finish
         self.sandbox = Sandbox("decode", timeout_s=settings.decode_timeout_s, retry=settings.retry,
                                memory_bytes=settings.decoder_memory_bytes)
-        # Start-up work now, while the pool starts, rather than in the first input's time: the decoder child, and
-        # torch (the log-mel module imports it) in a thread, so the actor is ready, and its first source probes and
-        # decodes in the child, while torch loads (the log-mel's own import waits for it, if need be).
+        # Start-up work now, while the pool starts, rather than in the first input's time: the decoder child, and,
+        # for a recipe with audio, torch (the log-mel module imports it) in a thread, so the actor is ready, and its
+        # first source probes and decodes in the child while torch loads (the log-mel's import waits for it).
         self.sandbox.start()
-        threading.Thread(target=importlib.import_module, args=("tvlt_core.audio",), daemon=True).start()
+        if settings.recipe.audio:
+            threading.Thread(target=importlib.import_module, args=("tvlt_core.audio",), daemon=True).start()
 
     def probe(self, row: dict) -> dict:
         """The row probed (``probe_source``), for callers that probe ahead of decoding."""
@@ -299,10 +300,9 @@ def log_mel_stage(seg: SegmentRow, settings: StageSettings) -> SegmentRow:
 
 
 def _log_mel(seg: SegmentRow, settings: StageSettings) -> None:
-    from tvlt_core.audio import log_mel, min_samples  # torch: imported by decode actors only, not by probes
-
     if seg.source.failure is not None or not settings.recipe.audio:
-        return
+        return  # without torch: a recipe without audio never imports it
+    from tvlt_core.audio import log_mel, min_samples  # torch: only in decode actors of a recipe with audio
     rate, bounds, mels = seg.decoded["audio_rate"], seg.audio_bounds, []
     for i in range(len(bounds) - 1):
         wave = np.array(seg.audio[bounds[i] : bounds[i + 1]])  # a writable copy: Ray hands out read-only views

@@ -315,7 +315,8 @@ def test_keyframe_sampling_has_its_own_recipe_and_exact_keeps_the_old_one():
 
 def test_probe_side_of_the_pipeline_does_not_import_torch():
     # Every Ray worker that unpickles a stage imports pipelines.stages; torch costs seconds per process there, and
-    # only the decode actors need it (they import it in their constructor). A fresh interpreter, so nothing is cached.
+    # only decode actors of a recipe with audio need it (they import it as they start). A fresh interpreter, so
+    # nothing is cached.
     import subprocess
     import sys
 
@@ -323,6 +324,34 @@ def test_probe_side_of_the_pipeline_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_recipe_without_audio_decodes_and_encodes_without_torch(synthetic_corpus, tmp_path):
+    # Grounding needs no spectrogram, so its decode actors never pay torch's import (seconds per actor).
+    import subprocess
+    import sys
+
+    video = synthetic_corpus.path(synthetic_corpus.of_kind("grounding")[0])
+    code = f"""
+import json, sys
+from pipelines import manifests
+from pipelines.config import GroundingConfig, SourceConfig, StorageConfig
+from pipelines.recipes import GroundingRecipe
+from pipelines.sources import list_sources
+from pipelines.stages import DecodeStage, StageSettings, initial_row
+(source,) = list_sources({str(video)!r}, SourceConfig(), StorageConfig())
+(row,) = manifests.plan_rows([source], {{source.uri: [dict(sentence="a", start=0.0, end=1.0)]}})
+settings = StageSettings(recipe=GroundingRecipe(GroundingConfig(frames=4, size=64)), storage=StorageConfig(),
+                         recipe_hash="r", work_url={str(tmp_path)!r}, decode_timeout_s=120, clips_per_row=16)
+stage = DecodeStage(settings)
+(result,) = stage(initial_row(row, 0))
+stage.sandbox.close()
+print(json.dumps([result["failure"], result["part_bytes"] > 0, "torch" in sys.modules]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["", True, False]
 
 
 # ------------------------------------------------------------------------------------------------ failure classes
