@@ -161,7 +161,8 @@ class TrackingConfig:
 @dataclass
 class TrainingConfig:
     """The sections every training job has. A job subclasses it, adds its ``model`` section (and any other of its
-    own) and sets its ``tracking`` defaults; ``tvlt_core.train.ray_job.job_from_config`` reads these sections."""
+    own) and sets its ``tracking`` defaults. The whole tree travels to every worker in a ``TrainJob``
+    (``tvlt_core.train.ray_job``), where each component is given the sections it reads."""
 
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
