@@ -147,7 +147,11 @@ def prepare_tokenizer(cfg: FinetuneConfig, folder: str, data: DataSnapshot) -> T
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(FinetuneConfig, argv, prog="finetune_tvp", description=__doc__.split("\n\n")[0])
+    return run_finetuning(parse(FinetuneConfig, argv, prog="finetune_tvp", description=__doc__.split("\n\n")[0]))
+
+
+def run_finetuning(cfg: FinetuneConfig) -> int:
+    """The job without its command line (the main job calls it); the exit code above."""
     run_name = cfg.tracking.run_name or default_run_name("tvp-grounding")
     folder = run_folder(cfg.checkpoint.storage_path, run_name)
     # the data is pinned and checked before the tokenizer: a vocabulary is built from the pinned shards only

@@ -74,7 +74,11 @@ class PretrainConfig(TrainingConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(PretrainConfig, argv, prog="pretrain", description=__doc__.split("\n\n")[0])
+    return run_pretraining(parse(PretrainConfig, argv, prog="pretrain", description=__doc__.split("\n\n")[0]))
+
+
+def run_pretraining(cfg: PretrainConfig) -> int:
+    """The job without its command line (the main job calls it); the exit code above."""
     run_name = cfg.tracking.run_name or default_run_name("tvlt-pretrain")
     task = TvltPretrainTask(
         model_config=cfg.model.build(), init_from=cfg.checkpoint.init_from, mismatch_prob=cfg.model.mismatch_prob
