@@ -21,7 +21,7 @@ from typing import Literal
 import fsspec
 
 from jobs.cli import run
-from jobs.training import pinned_data, train
+from jobs.training import model_settings, pinned_data, train
 from jobs.config import ConfigError, parse
 from tvlt_core import shards
 from tvlt_core.data.snapshot import DataSnapshot
@@ -36,6 +36,9 @@ from tvlt_core.train.tasks import TvpGroundingTask
 log = logging.getLogger("finetune_tvp")
 
 
+PRESET_SHAPE = ("num_frames", "max_img_size", "visual_prompt_size")  # model settings where 0 = the preset's
+
+
 @dataclass
 class TvpModelSection:
     """Size preset and loss weights (sizes are ignored with ``checkpoint.init_from``: it brings its config)."""
@@ -46,7 +49,8 @@ class TvpModelSection:
     num_frames: int = 0
     max_img_size: int = 0
     visual_prompt_size: int = 0
-    # Defaults are the model config's (one definition, TvpConfig's: the reference's values).
+    # Fields named like TvpConfig's go to the preset as they are (jobs.training.model_settings; the shape's only when
+    # not 0), with its defaults (one definition, TvpConfig's: the reference's values).
     distance_loss_weight: float = TvpConfig.distance_loss_weight
     duration_loss_weight: float = TvpConfig.duration_loss_weight
     # The reference's floors under the distance and length terms leave a model trained from scratch with no
@@ -57,17 +61,13 @@ class TvpModelSection:
     def __post_init__(self):
         if self.distance_loss_floor < 0 or self.duration_loss_floor < 0:
             raise ValueError("model.distance_loss_floor and model.duration_loss_floor must be >= 0")
-        for name in ("num_frames", "max_img_size", "visual_prompt_size"):
+        for name in PRESET_SHAPE:
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 1 (or 0 for the preset's), got {getattr(self, name)}")
 
     def build(self, vocab_size: int) -> TvpConfig:
-        shape = {k: getattr(self, k) for k in ("num_frames", "max_img_size", "visual_prompt_size") if getattr(self, k)}
-        return TVP_PRESETS[self.preset](
-            distance_loss_weight=self.distance_loss_weight, duration_loss_weight=self.duration_loss_weight,
-            distance_loss_floor=self.distance_loss_floor, duration_loss_floor=self.duration_loss_floor,
-            vocab_size=vocab_size, **shape,
-        )  # fmt: skip
+        settings = {k: v for k, v in model_settings(self, TvpConfig).items() if v or k not in PRESET_SHAPE}
+        return TVP_PRESETS[self.preset](**settings, vocab_size=vocab_size)
 
 
 @dataclass

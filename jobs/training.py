@@ -7,7 +7,9 @@ turn a deterministic stop into exit code 1 with its message.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
 from jobs.config import ConfigError, dump, to_dict, write_resolved
 from tvlt_core.data.snapshot import DataSnapshot
@@ -17,6 +19,13 @@ from tvlt_core.train.ray_job import TrainingStopped, TrainJob, launch, pin_data,
 from tvlt_core.train.tasks import Task
 
 log = logging.getLogger("training")
+
+
+def model_settings(section: Any, model_config_cls: type) -> dict[str, Any]:
+    """The fields of a job's model section that are fields of the model's config (same name, same meaning), for its
+    size preset: a setting of the model is declared once in the section, its default taken from the config."""
+    names = {f.name for f in dataclasses.fields(model_config_cls)}
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
 
 
 def pinned_data(cfg: TrainingConfig, task: Task, folder: str, *, prog: str) -> tuple[DataSnapshot, DatasetInfo]:
