@@ -27,7 +27,7 @@ from tvlt_core import shards
 from tvlt_core.data.snapshot import DataSnapshot
 from tvlt_core.data.stream import read_shard
 from tvlt_core.models.tvp import TVP_PRESETS, TvpConfig
-from tvlt_core.text import TextTokenizer, build_vocab
+from tvlt_core.text import DEFAULT_VOCAB_SIZE, TextTokenizer, build_vocab
 from tvlt_core.tracking import resolve_model_uri
 from tvlt_core.train.config import TrackingConfig, TrainingConfig
 from tvlt_core.train.ray_job import default_run_name, run_folder
@@ -73,8 +73,8 @@ class TvpModelSection:
 @dataclass
 class TextSection:
     tokenizer: str = ""  # folder with tokenizer.json / vocab.txt; "" = the checkpoint's, or built from the shards
-    max_text_length: int = 32
-    vocab_size: int = 2000  # when building a vocabulary from the shards
+    max_text_length: int = TvpGroundingTask.max_text_length
+    vocab_size: int = DEFAULT_VOCAB_SIZE  # when building a vocabulary from the shards
 
     def __post_init__(self):
         if self.max_text_length < 2 or self.vocab_size < 10:
@@ -88,10 +88,10 @@ class AidsSection:
 
     # Weight of the word-segment loss: the visual tokens predict, for each token found in exactly one of the
     # video's sentences, that sentence's segment (0 = off). Only training uses it; exports hold no trace of it.
-    word_segment_weight: float = 0.0
+    word_segment_weight: float = TvpGroundingTask.word_segment_weight
     # Weight of the query-token loss: each query token no other sentence of the video has predicts, from its hidden
     # state halfway up the encoder, the query's segment (0 = off).
-    query_token_weight: float = 0.0
+    query_token_weight: float = TvpGroundingTask.query_token_weight
 
     def __post_init__(self):
         for name in ("word_segment_weight", "query_token_weight"):

@@ -41,7 +41,7 @@ class TvltModelSection:
     audio_mask_type: AudioMaskType = TvltConfig.audio_mask_type
     task_matching: bool = TvltConfig.task_matching
     task_mae: bool = TvltConfig.task_mae
-    mismatch_prob: float = 0.5  # share of clips shown with another clip's video for matching
+    mismatch_prob: float = TvltPretrainTask.mismatch_prob  # share of clips shown with another clip's video (matching)
 
     def __post_init__(self):
         if not (self.task_matching or self.task_mae):
