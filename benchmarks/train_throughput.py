@@ -135,23 +135,24 @@ def verify_table(manifest: str, batcher, batch: int, repeats: int = 3) -> str:
 # --- CPU training rows --------------------------------------------------------------------------------------------
 def train_row(manifest: str, work: str, workers: int, stage: int, steps: int, batch: int) -> dict:
     from tvlt_core.models.tvlt import tvlt_tiny
+    from tvlt_core.tracking import RunInfo
     from tvlt_core.train.config import (
-        CheckpointConfig, DataConfig, OptimConfig, ParallelConfig, ScheduleConfig, TrackingConfig,
+        CheckpointConfig, DataConfig, OptimConfig, ParallelConfig, ScheduleConfig, TrackingConfig, TrainingConfig,
     )  # fmt: skip
     from tvlt_core.train.ray_job import TrainJob, dataset_info, launch
     from tvlt_core.train.tasks import TvltPretrainTask
 
-    name = f"bench-w{workers}-z{stage}-{int(time.time())}"
-    job = TrainJob(
-        task=TvltPretrainTask(model_config=tvlt_tiny()),
+    cfg = TrainingConfig(
         data=DataConfig(manifest=manifest, batch_size=batch, num_workers=0, shuffle_buffer=32),
         optim=OptimConfig(lr=3e-4),
         schedule=ScheduleConfig(max_steps=2 * steps, warmup_steps=2),
         checkpoint=CheckpointConfig(storage_path=f"{work}/runs", every_steps=10**9),  # only the final checkpoint
         parallel=ParallelConfig(num_workers=workers, zero_stage=stage, max_failures=0),
         tracking=TrackingConfig(experiment="bench", log_every_steps=steps, system_metrics=False),
-        run_name=name, dataset=dataset_info(manifest), work_dir=f"{work}/mlflow",
+        work_dir=f"{work}/mlflow",
     )  # fmt: skip
+    run = RunInfo(f"bench-w{workers}-z{stage}-{int(time.time())}", dataset=dataset_info(manifest))
+    job = TrainJob(TvltPretrainTask(model_config=tvlt_tiny()), cfg, run)
     t0 = time.perf_counter()
     metrics = launch(job).metrics
     return {

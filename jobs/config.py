@@ -6,7 +6,11 @@ any work starts with a message naming the setting (``Parser key "model.preset": 
 cross-field rules live in each dataclass's ``__post_init__`` and raise ``ValueError`` naming the field.
 
     cfg = parse(PretrainConfig, argv, prog="pretrain")     # -> PretrainConfig instance
+    cfg = parse(PretrainConfig, overrides, prog="pretrain", preset="tvlt_demo", settings={"data": {"manifest": url}})
     write_resolved(cfg, out_url)                           # config.yaml beside the outputs, secrets masked
+
+The second form is for a job run by another (``jobs/demo.py``): the caller's own values go in as values, between
+the preset and the user's overrides.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 import logging
 from argparse import ArgumentError
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import fsspec
@@ -51,8 +56,15 @@ def build_parser(config_cls: type, prog: str, description: str | None = None) ->
     return parser
 
 
-def parse(config_cls: type[T], argv: list[str] | None, *, prog: str, description: str | None = None) -> T:
-    """Parse ``argv`` into a ``config_cls`` instance, or raise ``ConfigError`` naming the bad setting."""
+def parse(
+    config_cls: type[T], argv: list[str] | None, *, prog: str, description: str | None = None, preset: str = "",
+    settings: Mapping[str, Any] | None = None,
+) -> T:
+    """Parse ``argv`` into a ``config_cls`` instance, or raise ``ConfigError`` naming the bad setting.
+
+    ``preset`` (a name or path, like ``--config``) and ``settings`` (values nested like the YAML and checked like
+    it: a wrong key or type fails) come under ``argv``: defaults < preset < settings < argv."""
+    base = ["--config", preset_path(preset)] if preset else []
     argv = list(argv or [])
     for i, arg in enumerate(argv):  # let users write a preset name where a path is expected
         if arg == "--config" and i + 1 < len(argv):
@@ -61,7 +73,10 @@ def parse(config_cls: type[T], argv: list[str] | None, *, prog: str, description
             argv[i] = "--config=" + preset_path(arg.split("=", 1)[1])
     parser = build_parser(config_cls, prog, description)
     try:
-        namespace = parser.parse_args(argv)
+        namespace = parser.parse_args(base) if base else None
+        if settings:
+            namespace = parser.parse_object(dict(settings), namespace=namespace)
+        namespace = parser.parse_args(argv, namespace=namespace)
         namespace = parser.instantiate_classes(namespace)
         fields = {f.name for f in dataclasses.fields(config_cls)}
         return config_cls(**{k: v for k, v in vars(namespace).items() if k in fields})

@@ -5,6 +5,10 @@ the synthetic corpus), ending with models that beat their baselines on held-out 
     python -m jobs.demo --work_dir work/demo --corpus.pretrain_videos 40
     python -m jobs.demo --pretrain.args '[--schedule.max_steps, 50]' --finetune.args '[--schedule.max_steps, 50]'
 
+Each job gets its preset (``--pretrain.config``), then what the main job sets (its input, its output folders, the
+main job's MLflow), then the overrides in ``--pretrain.args``; the training and evaluation configs are made before
+the first stage, so a bad override fails at once.
+
 Stages, each a named function below, in order; everything goes under ``work_dir``:
     corpus      synthetic videos: pretraining clips of the default mix (sizes, rates, durations) and broken files
                 in corpus/, grounding videos with Charades-STA annotations in corpus-grounding/; reused when
@@ -30,13 +34,15 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 from jobs import evaluate, finetune_tvp, preprocess, pretrain
 from jobs.cli import run
 from jobs.config import parse, write_resolved
 from pipelines.build_vocab import VocabSummary, build_and_save
+from pipelines.config import PreprocessConfig
 from pipelines.synthetic import CorpusInfo, generate_corpus, load_corpus
 from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION, corpus_options
 from tvlt_core import shards
@@ -46,6 +52,8 @@ from tvlt_core.redaction import redact
 from tvlt_core.tracking import tracking_uri
 
 log = logging.getLogger("demo")
+VOCAB_DIR = "vocab"  # under work_dir: the WordPiece vocabulary TVP fine-tunes with
+T = TypeVar("T")
 
 
 @dataclass
@@ -72,7 +80,8 @@ class CorpusSection:
 
 @dataclass
 class JobSection:
-    """One job of the pipeline: its preset and any extra command-line overrides (``["--optim.lr", "1e-3"]``)."""
+    """One job of the pipeline: its preset and any extra command-line overrides (``["--optim.lr", "1e-3"]``), which
+    win over what the main job sets."""
 
     config: str = ""
     # Numbers are taken as typed: '[--schedule.max_steps, 10]' reads 10 as a YAML int, and the job's argv wants text.
@@ -92,17 +101,45 @@ class DemoConfig:
     finetune: JobSection = field(default_factory=lambda: JobSection("tvp_demo"))
     evaluate: JobSection = field(default_factory=lambda: JobSection("", ["--parallel.actors", "2"]))
     promote: str = "champion"  # alias moved to an evaluated version that beats its holder ("" = no promotion)
-    max_text_length: int = 16  # TVP tokens per sentence: the synthetic sentences need at most 10
 
 
 @dataclass
 class Shards:
-    """The four shard folders the pipeline makes."""
+    """The four shard folders the pipeline makes, ``<work_dir>/shards/pretrain-train`` and so on."""
 
     pretrain_train: str
     pretrain_test: str
     grounding_train: str
     grounding_test: str
+
+    @classmethod
+    def under(cls, work: Path) -> Shards:
+        return cls(*(str((work / "shards" / f.name.replace("_", "-")).resolve()) for f in fields(cls)))
+
+
+def job_config(config_cls: type[T], job: JobSection, prog: str, settings: dict[str, Any]) -> T:
+    """A job's config: its defaults < its preset ``job.config`` < the main job's ``settings`` < ``job.args``."""
+    return parse(config_cls, job.args, prog=prog, preset=job.config, settings=settings)
+
+
+def job_configs(
+    cfg: DemoConfig, out: Shards, work: Path
+) -> tuple[pretrain.PretrainConfig, finetune_tvp.FinetuneConfig, dict[str, evaluate.EvaluateConfig]]:
+    """The training and evaluation jobs' configs ({stage name: config} for the evaluations), with the main job's
+    shards, MLflow, run and vocabulary folders."""
+    folders = {"work_dir": str(work), "checkpoint": {"storage_path": str(work / "runs")}}
+    pretraining = job_config(pretrain.PretrainConfig, cfg.pretrain, "pretrain",
+                             {**folders, "data": {"manifest": out.pretrain_train}})  # fmt: skip
+    finetuning = job_config(finetune_tvp.FinetuneConfig, cfg.finetune, "finetune_tvp",
+                            {**folders, "data": {"manifest": out.grounding_train},
+                             "text": {"tokenizer": str(work / VOCAB_DIR)}})  # fmt: skip
+    evaluations = {
+        name: job_config(evaluate.EvaluateConfig, cfg.evaluate, "evaluate",
+                         {"model": model, "data": data, "work_dir": str(work), "promote": cfg.promote})
+        for name, model, data in (("evaluate tvlt", "models:/tvlt-pretrain@latest", out.pretrain_test),
+                                  ("evaluate tvp", "models:/tvp-grounding@latest", out.grounding_test))
+    }  # fmt: skip
+    return pretraining, finetuning, evaluations
 
 
 # --- stages -----------------------------------------------------------------------------------------------------------
@@ -152,44 +189,32 @@ def stage_split(corpus: CorpusInfo, cfg: CorpusSection, work: Path) -> tuple[str
     return str(folder / "pretrain-train.jsonl"), str(folder / "pretrain-test.jsonl")
 
 
-def _preprocess(job: JobSection, mode: str, source: str, out: Path, annotations: list[str] = ()) -> None:
-    argv = ["--config", job.config, "--input", source, "--output", str(out), "--mode", mode, *job.args]
-    if annotations:
-        argv += ["--grounding.annotations", json.dumps(list(annotations))]
-    if preprocess.main(argv) != 0:
-        raise RuntimeError(f"preprocessing {source} -> {out} failed; see the log above")
+def _preprocess(job: JobSection, settings: dict[str, Any]) -> None:
+    cfg = job_config(PreprocessConfig, job, "preprocess", settings)
+    if preprocess.run_preprocessing(cfg) != 0:
+        raise RuntimeError(f"preprocessing {cfg.input} -> {cfg.output} failed; see the log above")
 
 
-def stage_preprocess(cfg: DemoConfig, lists: tuple[str, str], grounding: CorpusInfo, work: Path) -> Shards:
-    out = Shards(*(str((work / "shards" / name).resolve()) for name in
-                   ("pretrain-train", "pretrain-test", "grounding-train", "grounding-test")))  # fmt: skip
-    _preprocess(cfg.preprocess_pretrain, "pretrain", lists[0], Path(out.pretrain_train))
-    _preprocess(cfg.preprocess_pretrain, "pretrain", lists[1], Path(out.pretrain_test))
+def stage_preprocess(cfg: DemoConfig, lists: tuple[str, str], grounding: CorpusInfo, out: Shards) -> None:
+    for source, folder in ((lists[0], out.pretrain_train), (lists[1], out.pretrain_test)):
+        _preprocess(cfg.preprocess_pretrain, {"mode": "pretrain", "input": source, "output": folder})
     videos = str(grounding.root.resolve() / "grounding")
     for split, folder in (("train", out.grounding_train), ("test", out.grounding_test)):
-        _preprocess(cfg.preprocess_grounding, "grounding", videos, Path(folder), [str(grounding.annotation_file(split))])
-    return out
+        annotations = [str(grounding.annotation_file(split))]
+        _preprocess(cfg.preprocess_grounding, {"mode": "grounding", "input": videos, "output": folder,
+                                               "grounding": {"annotations": annotations}})  # fmt: skip
 
 
 def stage_vocab(grounding: CorpusInfo, max_text_length: int, work: Path) -> VocabSummary:
     """The tokenizer TVP trains with, from the training split only (test sentences must not shape it)."""
-    return build_and_save([str(grounding.annotation_file("train"))], str(work / "vocab"), vocab_size=500,
+    return build_and_save([str(grounding.annotation_file("train"))], str(work / VOCAB_DIR), vocab_size=500,
                           max_text_length=max_text_length)  # fmt: skip
 
 
-def stage_train(job_main, job: JobSection, manifest: str, work: Path, *extra: str) -> None:
-    """Pretraining or fine-tuning: the job's own ``main``, with the demo's MLflow and checkpoint folders."""
-    argv = ["--config", job.config, "--data.manifest", manifest, "--work_dir", str(work),
-            "--checkpoint.storage_path", str(work / "runs"), *extra, *job.args]  # fmt: skip
-    if job_main(argv) != 0:
-        raise RuntimeError(f"training on {manifest} failed; see the log above")
-
-
-def stage_evaluate(cfg: DemoConfig, model: str, data: str, work: Path) -> evaluate.EvaluationResult:
-    argv = ["--model", model, "--data", data, "--work_dir", str(work), *cfg.evaluate.args]
-    argv += ["--config", cfg.evaluate.config] if cfg.evaluate.config else []
-    argv += ["--promote", cfg.promote] if cfg.promote else []
-    return evaluate.run_evaluation(parse(evaluate.EvaluateConfig, argv, prog="evaluate"))
+def stage_train(run_job, cfg) -> None:
+    """Pretraining or fine-tuning: the job's own ``run_*`` function on its config."""
+    if run_job(cfg) != 0:
+        raise RuntimeError(f"training on {cfg.data.manifest} failed; see the log above")
 
 
 # --- the summary --------------------------------------------------------------------------------------------------------
@@ -234,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, str(work))
+    out = Shards.under(work)
+    pretraining, finetuning, evaluations = job_configs(cfg, out, work)
     rows, reports, started = [], [], time.perf_counter()
 
     def stage(name: str, result, clock: float) -> None:
@@ -251,22 +278,20 @@ def main(argv: list[str] | None = None) -> int:
         held = sum(1 for _ in open(lists[1]))
         stage("split", f"{held} pretraining videos held out; grounding: the Charades-STA test split", t)
         t = time.perf_counter()
-        out = stage_preprocess(cfg, lists, grounding_corpus, work)
+        stage_preprocess(cfg, lists, grounding_corpus, out)
         stage("preprocess", "; ".join(f"{name} {_samples(getattr(out, name))}" for name in vars(out)), t)
         t = time.perf_counter()
-        stage_train(pretrain.main, cfg.pretrain, out.pretrain_train, work)
+        stage_train(pretrain.run_pretraining, pretraining)
         stage("pretrain", "TVLT registered as models:/tvlt-pretrain@latest", t)
         t = time.perf_counter()
-        vocab = stage_vocab(grounding_corpus, cfg.max_text_length, work)
+        vocab = stage_vocab(grounding_corpus, finetuning.text.max_text_length, work)
         stage("vocab", f"{vocab.vocab_size} WordPiece tokens from {vocab.sentences} training sentences", t)
         t = time.perf_counter()
-        stage_train(finetune_tvp.main, cfg.finetune, out.grounding_train, work, "--text.tokenizer", vocab.out,
-                    "--text.max_text_length", str(cfg.max_text_length))  # fmt: skip
+        stage_train(finetune_tvp.run_finetuning, finetuning)
         stage("finetune", "TVP registered as models:/tvp-grounding@latest", t)
-        for name, model, data in (("evaluate tvlt", "models:/tvlt-pretrain@latest", out.pretrain_test),
-                                  ("evaluate tvp", "models:/tvp-grounding@latest", out.grounding_test)):  # fmt: skip
+        for name, evaluation in evaluations.items():
             t = time.perf_counter()
-            result = stage_evaluate(cfg, model, data, work)
+            result = evaluate.run_evaluation(evaluation)
             reports.append(result)
             stage(name, f"{result.ref.describe()}: {learning_line(result.report)}", t)
     finally:

@@ -28,7 +28,7 @@ from jobs.config import ConfigError, parse, to_dict
 from tvlt_core.eval import EvalParallel, EvalSettings, Report, evaluate
 from tvlt_core.eval.registry import ModelRef, Promotion, data_digest, log_evaluation, promote, resolve_ref, stored_value
 from tvlt_core.redaction import redact
-from tvlt_core.tracking import DatasetInfo, tracking_uri
+from tvlt_core.tracking import DEFAULT_WORK_DIR, DatasetInfo, tracking_uri
 from tvlt_core.train.ray_job import dataset_info
 from tvlt_core.uris import absolute
 
@@ -50,7 +50,7 @@ class EvaluateConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     parallel: EvalParallel = field(default_factory=EvalParallel)
     tracking: EvalTrackingSection = field(default_factory=EvalTrackingSection)
-    work_dir: str = "work"  # local MLflow (sqlite + artifacts) when MLFLOW_TRACKING_URI is unset
+    work_dir: str = DEFAULT_WORK_DIR  # local MLflow (sqlite + artifacts) when MLFLOW_TRACKING_URI is unset
 
     def __post_init__(self):
         if not self.model:

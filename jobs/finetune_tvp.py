@@ -21,19 +21,22 @@ from typing import Literal
 import fsspec
 
 from jobs.cli import run
-from jobs.training import pinned_data, train
+from jobs.training import model_settings, pinned_data, train
 from jobs.config import ConfigError, parse
 from tvlt_core import shards
 from tvlt_core.data.snapshot import DataSnapshot
 from tvlt_core.data.stream import read_shard
 from tvlt_core.models.tvp import TVP_PRESETS, TvpConfig
-from tvlt_core.text import TextTokenizer, build_vocab
+from tvlt_core.text import DEFAULT_VOCAB_SIZE, TextTokenizer, build_vocab
 from tvlt_core.tracking import resolve_model_uri
 from tvlt_core.train.config import TrackingConfig, TrainingConfig
 from tvlt_core.train.ray_job import default_run_name, run_folder
 from tvlt_core.train.tasks import TvpGroundingTask
 
 log = logging.getLogger("finetune_tvp")
+
+
+PRESET_SHAPE = ("num_frames", "max_img_size", "visual_prompt_size")  # model settings where 0 = the preset's
 
 
 @dataclass
@@ -46,7 +49,8 @@ class TvpModelSection:
     num_frames: int = 0
     max_img_size: int = 0
     visual_prompt_size: int = 0
-    # Defaults are the model config's (one definition, TvpConfig's: the reference's values).
+    # Fields named like TvpConfig's go to the preset as they are (jobs.training.model_settings; the shape's only when
+    # not 0), with its defaults (one definition, TvpConfig's: the reference's values).
     distance_loss_weight: float = TvpConfig.distance_loss_weight
     duration_loss_weight: float = TvpConfig.duration_loss_weight
     # The reference's floors under the distance and length terms leave a model trained from scratch with no
@@ -57,24 +61,20 @@ class TvpModelSection:
     def __post_init__(self):
         if self.distance_loss_floor < 0 or self.duration_loss_floor < 0:
             raise ValueError("model.distance_loss_floor and model.duration_loss_floor must be >= 0")
-        for name in ("num_frames", "max_img_size", "visual_prompt_size"):
+        for name in PRESET_SHAPE:
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 1 (or 0 for the preset's), got {getattr(self, name)}")
 
     def build(self, vocab_size: int) -> TvpConfig:
-        shape = {k: getattr(self, k) for k in ("num_frames", "max_img_size", "visual_prompt_size") if getattr(self, k)}
-        return TVP_PRESETS[self.preset](
-            distance_loss_weight=self.distance_loss_weight, duration_loss_weight=self.duration_loss_weight,
-            distance_loss_floor=self.distance_loss_floor, duration_loss_floor=self.duration_loss_floor,
-            vocab_size=vocab_size, **shape,
-        )  # fmt: skip
+        settings = {k: v for k, v in model_settings(self, TvpConfig).items() if v or k not in PRESET_SHAPE}
+        return TVP_PRESETS[self.preset](**settings, vocab_size=vocab_size)
 
 
 @dataclass
 class TextSection:
     tokenizer: str = ""  # folder with tokenizer.json / vocab.txt; "" = the checkpoint's, or built from the shards
-    max_text_length: int = 32
-    vocab_size: int = 2000  # when building a vocabulary from the shards
+    max_text_length: int = TvpGroundingTask.max_text_length
+    vocab_size: int = DEFAULT_VOCAB_SIZE  # when building a vocabulary from the shards
 
     def __post_init__(self):
         if self.max_text_length < 2 or self.vocab_size < 10:
@@ -88,10 +88,10 @@ class AidsSection:
 
     # Weight of the word-segment loss: the visual tokens predict, for each token found in exactly one of the
     # video's sentences, that sentence's segment (0 = off). Only training uses it; exports hold no trace of it.
-    word_segment_weight: float = 0.0
+    word_segment_weight: float = TvpGroundingTask.word_segment_weight
     # Weight of the query-token loss: each query token no other sentence of the video has predicts, from its hidden
     # state halfway up the encoder, the query's segment (0 = off).
-    query_token_weight: float = 0.0
+    query_token_weight: float = TvpGroundingTask.query_token_weight
 
     def __post_init__(self):
         for name in ("word_segment_weight", "query_token_weight"):
@@ -147,7 +147,11 @@ def prepare_tokenizer(cfg: FinetuneConfig, folder: str, data: DataSnapshot) -> T
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(FinetuneConfig, argv, prog="finetune_tvp", description=__doc__.split("\n\n")[0])
+    return run_finetuning(parse(FinetuneConfig, argv, prog="finetune_tvp", description=__doc__.split("\n\n")[0]))
+
+
+def run_finetuning(cfg: FinetuneConfig) -> int:
+    """The job without its command line (the main job calls it); the exit code above."""
     run_name = cfg.tracking.run_name or default_run_name("tvp-grounding")
     folder = run_folder(cfg.checkpoint.storage_path, run_name)
     # the data is pinned and checked before the tokenizer: a vocabulary is built from the pinned shards only

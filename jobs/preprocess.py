@@ -30,7 +30,7 @@ from pipelines import writer
 from pipelines.config import PreprocessConfig
 from pipelines.lease import LeaseHeld, LeaseLost
 from pipelines.preprocess import StoreUnavailable
-from pipelines.preprocess import run as run_preprocess
+from pipelines.preprocess import run as run_pipeline
 from pipelines.sources import InputNotFound
 from pipelines.manifests import ManifestConflict, RecipeMismatch
 
@@ -43,9 +43,13 @@ RUN_FAILED, EXIT_HELD, EXIT_LOST = 3, 4, 5
 
 def main(argv: list[str] | None = None) -> int:
     argv = [FLAGS.get(arg, arg) for arg in (argv or [])]
-    cfg = parse(PreprocessConfig, argv, prog="preprocess", description=__doc__.split("\n\n")[0])
+    return run_preprocessing(parse(PreprocessConfig, argv, prog="preprocess", description=__doc__.split("\n\n")[0]))
+
+
+def run_preprocessing(cfg: PreprocessConfig) -> int:
+    """The job without its command line (the main job calls it): the run, its tables, the exit code above."""
     try:
-        result = run_preprocess(cfg)
+        result = run_pipeline(cfg)
     except (RecipeMismatch, InputNotFound) as e:
         raise ConfigError(f"preprocess: {e}") from e
     except StoreUnavailable as e:

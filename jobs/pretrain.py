@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from jobs.cli import run
-from jobs.training import pinned_data, train
+from jobs.training import model_settings, pinned_data, train
 from jobs.config import parse
-from tvlt_core.models.tvlt import TVLT_PRESETS, TvltConfig
+from tvlt_core.models.tvlt import TVLT_PRESETS, AudioMaskType, TvltConfig
 from tvlt_core.train.config import TrackingConfig, TrainingConfig
 from tvlt_core.train.ray_job import default_run_name, run_folder
 from tvlt_core.train.tasks import TvltPretrainTask
@@ -34,13 +34,14 @@ class TvltModelSection:
     a checkpoint brings its own config)."""
 
     preset: Literal["tiny", "base"] = "tiny"
-    # Defaults are the model config's (one definition, TvltConfig's: the reference's values).
+    # Fields named like TvltConfig's go to the preset as they are (jobs.training.model_settings), with its defaults
+    # (one definition, TvltConfig's: the reference's values).
     pixel_mask_ratio: float = TvltConfig.pixel_mask_ratio
     audio_mask_ratio: float = TvltConfig.audio_mask_ratio
-    audio_mask_type: Literal["frame-level", "patch-level"] = TvltConfig.audio_mask_type
+    audio_mask_type: AudioMaskType = TvltConfig.audio_mask_type
     task_matching: bool = TvltConfig.task_matching
     task_mae: bool = TvltConfig.task_mae
-    mismatch_prob: float = 0.5  # share of clips shown with another clip's video for matching
+    mismatch_prob: float = TvltPretrainTask.mismatch_prob  # share of clips shown with another clip's video (matching)
 
     def __post_init__(self):
         if not (self.task_matching or self.task_mae):
@@ -50,10 +51,7 @@ class TvltModelSection:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
 
     def build(self) -> TvltConfig:
-        return TVLT_PRESETS[self.preset](
-            pixel_mask_ratio=self.pixel_mask_ratio, audio_mask_ratio=self.audio_mask_ratio,
-            audio_mask_type=self.audio_mask_type, task_matching=self.task_matching, task_mae=self.task_mae,
-        )  # fmt: skip
+        return TVLT_PRESETS[self.preset](**model_settings(self, TvltConfig))
 
 
 @dataclass
@@ -74,7 +72,11 @@ class PretrainConfig(TrainingConfig):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse(PretrainConfig, argv, prog="pretrain", description=__doc__.split("\n\n")[0])
+    return run_pretraining(parse(PretrainConfig, argv, prog="pretrain", description=__doc__.split("\n\n")[0]))
+
+
+def run_pretraining(cfg: PretrainConfig) -> int:
+    """The job without its command line (the main job calls it); the exit code above."""
     run_name = cfg.tracking.run_name or default_run_name("tvlt-pretrain")
     task = TvltPretrainTask(
         model_config=cfg.model.build(), init_from=cfg.checkpoint.init_from, mismatch_prob=cfg.model.mismatch_prob

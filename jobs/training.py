@@ -7,16 +7,25 @@ turn a deterministic stop into exit code 1 with its message.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
 from jobs.config import ConfigError, dump, to_dict, write_resolved
 from tvlt_core.data.snapshot import DataSnapshot
-from tvlt_core.tracking import DatasetInfo
+from tvlt_core.tracking import DatasetInfo, RunInfo
 from tvlt_core.train.config import TrainingConfig
-from tvlt_core.train.ray_job import TrainingStopped, TrainJob, job_from_config, launch, pin_data, summary_table
+from tvlt_core.train.ray_job import TrainingStopped, TrainJob, launch, pin_data, summary_table
 from tvlt_core.train.tasks import Task
 
 log = logging.getLogger("training")
+
+
+def model_settings(section: Any, model_config_cls: type) -> dict[str, Any]:
+    """The fields of a job's model section that are fields of the model's config (same name, same meaning), for its
+    size preset: a setting of the model is declared once in the section, its default taken from the config."""
+    names = {f.name for f in dataclasses.fields(model_config_cls)}
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name in names}
 
 
 def pinned_data(cfg: TrainingConfig, task: Task, folder: str, *, prog: str) -> tuple[DataSnapshot, DatasetInfo]:
@@ -44,7 +53,7 @@ def launch_and_report(job: TrainJob) -> int:
 def train(cfg: TrainingConfig, task: Task, run_name: str, folder: str, data: DataSnapshot, dataset: DatasetInfo) -> int:
     """The body both jobs share once their task is built: the resolved config beside the run (and inside every
     checkpoint as ``config.yaml``), the launch, the exit code of ``launch_and_report``."""
-    files = {"config.yaml": dump(cfg).encode()}
-    job = job_from_config(cfg, task, run_name, dataset=dataset, config=to_dict(cfg), files=files, pinned=data)
+    run = RunInfo(run_name, config=to_dict(cfg), dataset=dataset)
+    job = TrainJob(task, cfg, run, files={"config.yaml": dump(cfg).encode()}, snapshot=data)
     write_resolved(cfg, folder)
     return launch_and_report(job)

@@ -42,6 +42,19 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
     assert parse(ToyConfig, [], prog="toy") == ToyConfig()
 
 
+def test_a_calling_jobs_settings_sit_between_the_preset_and_the_command_line(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model:\n  preset: base\n  hidden: 32\nseed: 3\nstore:\n  url: s3://preset\n")
+    settings = {"store": {"url": "s3://caller"}, "seed": 4}
+    cfg = parse(ToyConfig, ["--seed", "5"], prog="toy", preset=str(preset), settings=settings)
+    assert (cfg.model.preset, cfg.model.hidden, cfg.store.url, cfg.seed) == ("base", 32, "s3://caller", 5)
+    assert parse(ToyConfig, [], prog="toy", settings={"model": {"hidden": 16}}).model == ModelSection(hidden=16)
+    with pytest.raises(ConfigError, match="hiden"):
+        parse(ToyConfig, [], prog="toy", settings={"model": {"hiden": 16}})
+    with pytest.raises(ConfigError, match="seed"):
+        parse(ToyConfig, [], prog="toy", settings={"seed": "three"})
+
+
 @pytest.mark.parametrize(
     "argv, names",
     [

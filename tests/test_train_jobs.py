@@ -281,13 +281,15 @@ def test_a_local_ray_started_for_training_serves_the_state_api():
 
 
 def test_a_relative_manifest_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    from tvlt_core.tracking import RunInfo
     from tvlt_core.train.config import TrainingConfig
-    from tvlt_core.train.ray_job import job_from_config
+    from tvlt_core.train.ray_job import TrainJob
 
     monkeypatch.chdir(tmp_path)
     cfg = TrainingConfig()
     cfg.data.manifest = "shards/train"
-    job = job_from_config(cfg, task=None, run_name="r", dataset=None, config={}, files={})
-    assert job.data.manifest == str(tmp_path / "shards" / "train")
+    job = TrainJob(task=None, cfg=cfg, run=RunInfo("r"))
+    assert job.cfg.data.manifest == str(tmp_path / "shards" / "train")
+    assert job.cfg.work_dir == str(tmp_path / "work")
     cfg.data.manifest = "s3://bucket/shards"
-    assert job_from_config(cfg, task=None, run_name="r", dataset=None, config={}, files={}).data.manifest == cfg.data.manifest
+    assert TrainJob(task=None, cfg=cfg, run=RunInfo("r")).cfg.data.manifest == cfg.data.manifest

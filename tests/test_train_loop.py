@@ -15,10 +15,12 @@ import torch
 from tvlt_core import distributed
 from tvlt_core.data import StreamingLoader
 from tvlt_core.models.tvlt import TvltForPreTraining, tvlt_tiny
-from tvlt_core.tracking import RunTracker
-from tvlt_core.train.config import CheckpointConfig, OptimConfig, ParallelConfig, ScheduleConfig, TrackingConfig
+from tvlt_core.tracking import RunInfo, RunTracker
+from tvlt_core.train.config import (
+    CheckpointConfig, OptimConfig, ParallelConfig, ScheduleConfig, TrackingConfig, TrainingConfig,
+)  # fmt: skip
 from tvlt_core.train.engine import SafeCheckpointEngine, build_engine, deepspeed_config, full_state_dict
-from tvlt_core.train.loop import LoopSettings, NonFiniteLossError, Trainer
+from tvlt_core.train.loop import NonFiniteLossError, Trainer
 from tvlt_core.train.schedule import lr_at
 from tvlt_core.train.tasks import TvltPretrainTask
 
@@ -105,18 +107,19 @@ def make_trainer(shards, rank, *, stage, max_steps, task=None, tracker=None, rep
     torch.manual_seed(0)
     model = task.build_model()
     loader = StreamingLoader(shards, task.batcher(model), batch_size=2, shuffle_buffer=3)
-    optim = OptimConfig(lr=2e-3, grad_accum_steps=2, max_nonfinite_steps=max_nonfinite)
-    engine = build_engine(model, optim, ParallelConfig(num_workers=1, zero_stage=stage), 2, 1)
-    settings = LoopSettings(
-        optim, ScheduleConfig(max_steps=max_steps, warmup_steps=1), CheckpointConfig(every_steps=2),
-        TrackingConfig(registered_model=registered, log_every_steps=1), run_name="t",
+    cfg = TrainingConfig(
+        optim=OptimConfig(lr=2e-3, grad_accum_steps=2, max_nonfinite_steps=max_nonfinite),
+        schedule=ScheduleConfig(max_steps=max_steps, warmup_steps=1), checkpoint=CheckpointConfig(every_steps=2),
+        parallel=ParallelConfig(num_workers=1, zero_stage=stage),
+        tracking=TrackingConfig(registered_model=registered, log_every_steps=1),
     )  # fmt: skip
+    engine = build_engine(model, cfg.optim, cfg.parallel, 2, 1)
 
     def report(metrics, folder):
         if reports is not None:
             reports[metrics["step"]] = shutil.copytree(folder, f"{reports['root']}/step{metrics['step']}")
 
-    return Trainer(engine, task, loader, settings, rank=rank, tracker=tracker, report=report)
+    return Trainer(engine, task, loader, cfg, RunInfo("t"), rank=rank, tracker=tracker, report=report)
 
 
 def test_resume_from_a_checkpoint_continues_the_run_exactly(shards, one_rank, tmp_path):
@@ -227,10 +230,12 @@ def test_zero3_with_parameter_and_optimizer_offload_trains_and_restores(shards, 
     torch.manual_seed(0)
     model = task.build_model()
     loader = StreamingLoader(shards, task.batcher(model), batch_size=2)
-    parallel = ParallelConfig(num_workers=1, zero_stage=3, offload_optimizer=True, offload_params=True)
-    engine = build_engine(model, OptimConfig(), parallel, 2, 1)
-    settings = LoopSettings(OptimConfig(), ScheduleConfig(max_steps=2, warmup_steps=1), CheckpointConfig(), TrackingConfig())
-    trainer = Trainer(engine, task, loader, settings, rank=one_rank)
+    cfg = TrainingConfig(
+        schedule=ScheduleConfig(max_steps=2, warmup_steps=1),
+        parallel=ParallelConfig(num_workers=1, zero_stage=3, offload_optimizer=True, offload_params=True),
+    )  # fmt: skip
+    engine = build_engine(model, cfg.optim, cfg.parallel, 2, 1)
+    trainer = Trainer(engine, task, loader, cfg, RunInfo(), rank=one_rank)
     before = full_state_dict(engine, rank=0)
     parts, _, norm = trainer.train_step(iter(loader))
     after = full_state_dict(engine, rank=0)

@@ -30,6 +30,7 @@ TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]  # ids 0-4 in vocabularies we build; [PAD] = 0 as in BERT
 DEFAULT_MAX_TEXT_LENGTH = TVP_MAX_TEXT_LENGTH
+DEFAULT_VOCAB_SIZE = 2000  # WordPiece tokens of a vocabulary built from query sentences
 
 
 def _bert_pipeline(model: models.Model, lowercase: bool) -> Tokenizer:
@@ -44,7 +45,7 @@ def _bert_pipeline(model: models.Model, lowercase: bool) -> Tokenizer:
     return tokenizer
 
 
-def build_vocab(sentences: Iterable[str], vocab_size: int = 2000, min_frequency: int = 1) -> list[str]:
+def build_vocab(sentences: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE, min_frequency: int = 1) -> list[str]:
     """Train a WordPiece vocabulary on ``sentences`` (lower-cased like bert-base-uncased).
 
     Returns:

@@ -195,6 +195,15 @@ class DatasetInfo:
                 "shards": str(self.num_shards)}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """Which run this is, for MLflow and the model card; the run's settings are its config's, not in here."""
+
+    name: str = "run"  # the resolved tracking.run_name: the MLflow run, the Ray Train run and its folder
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved config, secrets masked: params, model card
+    dataset: DatasetInfo | None = None
+
+
 class RunTracker:
     """The MLflow run of one training job. Made on rank 0 only; every call is a no-op for steps already logged."""
 

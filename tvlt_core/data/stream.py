@@ -108,8 +108,10 @@ class ReadPolicy:
     stall_timeout_s: float = 300.0  # no sample prepared for this long fails the rank
 
     def __post_init__(self):
-        if not 0 <= self.max_skip_share <= 1 or self.stall_timeout_s <= 0:
-            raise ValueError("data.max_skip_share must be in [0, 1] and data.stall_timeout_s > 0")
+        if not 0 <= self.max_skip_share <= 1:
+            raise ValueError(f"data.max_skip_share must be in [0, 1], got {self.max_skip_share}")
+        if self.stall_timeout_s <= 0:
+            raise ValueError(f"data.stall_timeout_s must be > 0, got {self.stall_timeout_s}")
 
 
 class ShardDamaged(Exception):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tvlt_core.data.stream import ReadPolicy
+from tvlt_core.tracking import DEFAULT_WORK_DIR
 
 Precision = Literal["auto", "bf16", "fp32"]
 
@@ -28,20 +29,21 @@ class DataConfig:
     # snapshot of data.manifest now and continue the run on it (the loader restarts its epoch).
     refresh: bool = False
     recipe_hash: str = ""  # "" = any recipe of the task's mode; else the shards' recipe hash must be this one
-    verify: Literal["sha256", "length"] = "sha256"  # every shard's length and count always; sha256 unless "length"
-    on_damage: Literal["fail", "skip"] = "fail"  # a shard unlike its snapshot entry: stop naming it, or skip it
-    max_skip_share: float = 0.05  # share of a reader's samples per epoch it may skip before the rank fails
-    stall_timeout_s: float = 300.0  # a rank that prepares no sample for this long fails naming its shards
+    # The loader's read policy (defaults and checks are ReadPolicy's): every shard's length and count always, sha256
+    # unless "length" (ReadPolicy's "off" is for benchmarks only); a shard unlike its snapshot entry: stop naming it,
+    # or skip it; the share of a reader's samples per epoch it may skip before the rank fails; a rank that prepares
+    # no sample for this long fails naming its shards.
+    verify: Literal["sha256", "length"] = ReadPolicy.verify
+    on_damage: Literal["fail", "skip"] = ReadPolicy.on_damage
+    max_skip_share: float = ReadPolicy.max_skip_share
+    stall_timeout_s: float = ReadPolicy.stall_timeout_s
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
-        if not 0 <= self.max_skip_share <= 1:
-            raise ValueError(f"data.max_skip_share must be in [0, 1], got {self.max_skip_share}")
-        if self.stall_timeout_s <= 0:
-            raise ValueError(f"data.stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+        self.read_policy()  # its checks, at load time
 
     def read_policy(self) -> ReadPolicy:
         return ReadPolicy(verify=self.verify, on_damage=self.on_damage, max_skip_share=self.max_skip_share,
@@ -161,7 +163,8 @@ class TrackingConfig:
 @dataclass
 class TrainingConfig:
     """The sections every training job has. A job subclasses it, adds its ``model`` section (and any other of its
-    own) and sets its ``tracking`` defaults; ``tvlt_core.train.ray_job.job_from_config`` reads these sections."""
+    own) and sets its ``tracking`` defaults. The whole tree travels to every worker in a ``TrainJob``
+    (``tvlt_core.train.ray_job``), where each component is given the sections it reads."""
 
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -169,4 +172,4 @@ class TrainingConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    work_dir: str = "work"  # local MLflow (sqlite + artifacts) when MLFLOW_TRACKING_URI is unset
+    work_dir: str = DEFAULT_WORK_DIR  # local MLflow (sqlite + artifacts) when MLFLOW_TRACKING_URI is unset

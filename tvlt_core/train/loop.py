@@ -1,6 +1,6 @@
 """The training loop: a small object with named steps.
 
-    trainer = Trainer(engine, task, loader, settings, rank=..., tracker=..., report=...)
+    trainer = Trainer(engine, task, loader, cfg, run, rank=..., tracker=..., report=...)   # cfg: TrainingConfig
     trainer.restore(folder)        # optional: DeepSpeed state + loader position + step, from a checkpoint folder
     summary = trainer.train()      # train_step until schedule.max_steps, logging, checkpointing, exporting
     trainer.close()
@@ -24,10 +24,10 @@ import torch
 
 from tvlt_core import distributed
 from tvlt_core.data.stream import DataError, StreamingLoader
-from tvlt_core.tracking import DatasetInfo, RunTracker
+from tvlt_core.tracking import RunInfo, RunTracker
 from tvlt_core.train import checkpointing
 from tvlt_core.train.export import export_and_register
-from tvlt_core.train.config import CheckpointConfig, OptimConfig, ScheduleConfig, TrackingConfig
+from tvlt_core.train.config import TrainingConfig
 from tvlt_core.train.engine import plain_grad_norm
 from tvlt_core.train.schedule import lr_at
 from tvlt_core.train.tasks import Task
@@ -43,19 +43,6 @@ class NonFiniteLossError(RuntimeError):
 # Failures that recur when the same step is tried again (same data, same weights): a Ray Train restart would only
 # repeat them, so the job stops instead (``tvlt_core.train.ray_job``).
 DETERMINISTIC_FAILURES = (DataError, NonFiniteLossError)
-
-
-@dataclass
-class LoopSettings:
-    """The config sections the loop reads (each component gets only its own)."""
-
-    optim: OptimConfig
-    schedule: ScheduleConfig
-    checkpoint: CheckpointConfig
-    tracking: TrackingConfig
-    run_name: str = "run"
-    config: dict[str, Any] = field(default_factory=dict)  # resolved, secrets masked: for the model card
-    dataset: DatasetInfo | None = None
 
 
 @dataclass
@@ -85,24 +72,28 @@ class _Window:
 
 
 class Trainer:
+    """Reads the ``optim``, ``schedule``, ``checkpoint`` and ``tracking`` sections of ``cfg`` (the loader and the
+    engine, built from ``data`` and ``parallel``, are handed in); ``run`` names the run for the model card."""
+
     def __init__(
         self,
         engine,
         task: Task,
         loader: StreamingLoader,
-        settings: LoopSettings,
+        cfg: TrainingConfig,
+        run: RunInfo,
         *,
         rank: distributed.RankInfo,
         tracker: RunTracker | None = None,
         report: Callable[[dict[str, Any], str | None], None] | None = None,
     ):
-        self.engine, self.task, self.loader, self.s = engine, task, loader, settings
+        self.engine, self.task, self.loader, self.cfg, self.run = engine, task, loader, cfg, run
         self.rank, self.tracker, self.report = rank, tracker, report
         self.step = 0  # optimizer steps done
         self.samples_seen = 0
         self.device = next(engine.module.parameters()).device
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
-        self.samples_per_step = loader.batch_size * settings.optim.grad_accum_steps * rank.world_size
+        self.samples_per_step = loader.batch_size * cfg.optim.grad_accum_steps * rank.world_size
         self.last: tuple[dict[str, Any], Any] | None = None  # (batch, output) of the latest micro-batch
         self.last_metrics: dict[str, float] = {}
         self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient, over the whole run
@@ -111,8 +102,8 @@ class Trainer:
 
     # --- one optimizer step ------------------------------------------------------------------------------------------
     def lr(self, step: int) -> float:
-        sc = self.s.schedule
-        return lr_at(step, base_lr=self.s.optim.lr, warmup_steps=sc.warmup_steps, max_steps=sc.max_steps,
+        sc = self.cfg.schedule
+        return lr_at(step, base_lr=self.cfg.optim.lr, warmup_steps=sc.warmup_steps, max_steps=sc.max_steps,
                      min_lr_ratio=sc.min_lr_ratio)  # fmt: skip
 
     def train_step(self, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, float], float, float | None]:
@@ -125,7 +116,7 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         totals: dict[str, float] = {}
-        wait, accum = 0.0, self.s.optim.grad_accum_steps
+        wait, accum = 0.0, self.cfg.optim.grad_accum_steps
         norm, bad_loss = None, ""
         self._dropped = False
         self.engine.train()
@@ -216,7 +207,7 @@ class Trainer:
 
     def note_nonfinite(self, what: str) -> None:
         self.nonfinite_steps += 1
-        limit = self.s.optim.max_nonfinite_steps
+        limit = self.cfg.optim.max_nonfinite_steps
         log.warning("step %d: non-finite %s; skipped (%d of at most %d)", self.step, what, self.nonfinite_steps, limit)
         if self.nonfinite_steps > limit:
             raise NonFiniteLossError(
@@ -228,10 +219,10 @@ class Trainer:
     # --- the run -------------------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         """Train until ``schedule.max_steps``; log, checkpoint and export on the configured steps."""
-        max_steps, tr, ck = self.s.schedule.max_steps, self.s.tracking, self.s.checkpoint
+        max_steps, tr, ck = self.cfg.schedule.max_steps, self.cfg.tracking, self.cfg.checkpoint
         start_step, started = self.step, time.perf_counter()
         if self.step >= max_steps:
-            log.info("run %s is already at step %d of %d: nothing to train", self.s.run_name, self.step, max_steps)
+            log.info("run %s is already at step %d of %d: nothing to train", self.run.name, self.step, max_steps)
         batches = iter(self.loader)
         window, total = _Window(), _Window()
         while self.step < max_steps:
@@ -276,10 +267,10 @@ class Trainer:
         self.last_metrics = metrics
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, self.step)
-        eta = (self.s.schedule.max_steps - self.step) * elapsed / w.steps
+        eta = (self.cfg.schedule.max_steps - self.step) * elapsed / w.steps
         log.info(
             "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s  data wait %.0f%%  ETA %s",
-            self.step, self.s.schedule.max_steps, metrics.get("train/loss", math.nan), metrics["train/lr"],
+            self.step, self.cfg.schedule.max_steps, metrics.get("train/loss", math.nan), metrics["train/lr"],
             metrics["perf/samples_per_s"], 100 * metrics["perf/data_wait_share"], time.strftime("%H:%M:%S", time.gmtime(eta)),
         )  # fmt: skip
 
@@ -349,7 +340,7 @@ class Trainer:
         """Consolidate the weights, write a Hugging Face folder on rank 0, log it to MLflow and register it (every
         rank must call: the gathering is a collective). Returns the registered version on rank 0."""
         return export_and_register(
-            self.engine, self.task, self.s, rank=self.rank, tracker=self.tracker, step=self.step,
+            self.engine, self.task, self.cfg.tracking, self.run, rank=self.rank, tracker=self.tracker, step=self.step,
             results=self.last_metrics, artifact_path=artifact_path,
         )  # fmt: skip
 

@@ -1,6 +1,7 @@
 """Ray Train glue: the function every worker runs, and the ``TorchTrainer`` that starts N of them.
 
-    result = launch(job)    # job: TrainJob, built by jobs/pretrain.py or jobs/finetune_tvp.py
+    job = TrainJob(task, cfg, RunInfo(run_name, to_dict(cfg), dataset), files=..., snapshot=pinned)
+    result = launch(job)    # jobs/training.py does both for the two training jobs
 
 Ray. ``launch`` connects to the cluster in ``RAY_ADDRESS`` (``ray job submit`` sets it), or starts a local Ray
 bounded to this machine. In Ray 2.60 Train V2 is the default: callbacks such as ``MLflowLoggerCallback`` are
@@ -40,16 +41,8 @@ from tvlt_core.data import snapshot
 from tvlt_core.data.snapshot import DataSnapshot
 from tvlt_core.ray_session import connect_ray
 from tvlt_core.redaction import redact
-from tvlt_core.tracking import DatasetInfo, RunTracker, tracking_uri
-from tvlt_core.train.config import (
-    CheckpointConfig,
-    DataConfig,
-    OptimConfig,
-    ParallelConfig,
-    ScheduleConfig,
-    TrackingConfig,
-    TrainingConfig,
-)
+from tvlt_core.tracking import DatasetInfo, RunInfo, RunTracker, tracking_uri
+from tvlt_core.train.config import DataConfig, TrainingConfig
 from tvlt_core.train.tasks import Task
 from tvlt_core.uris import absolute
 
@@ -60,36 +53,20 @@ STOPPED_NAME = "stopped.json"  # in the run folder: why every rank stopped (read
 
 @dataclass
 class TrainJob:
-    """Everything a worker needs, picklable (Ray ships it to every worker)."""
+    """Everything a worker needs, picklable (Ray ships it to every worker): the job's whole config, whose sections
+    go to the components that read them, and which run this is. Local ``data.manifest`` and ``work_dir`` are made
+    absolute here: Ray Train workers run in their own folder, not the launcher's."""
 
     task: Task
-    data: DataConfig
-    optim: OptimConfig
-    schedule: ScheduleConfig
-    checkpoint: CheckpointConfig
-    parallel: ParallelConfig
-    tracking: TrackingConfig
-    run_name: str
-    config: dict[str, Any] = field(default_factory=dict)  # resolved, secrets masked: MLflow params, model card
+    cfg: TrainingConfig  # the job's config (a subclass, with its model section): data, optim, schedule, ...
+    run: RunInfo
     files: dict[str, bytes] = field(default_factory=dict)  # logged with a new run (config.yaml)
-    dataset: DatasetInfo | None = None
     snapshot: DataSnapshot | None = None  # the pinned shards; None: a snapshot of data.manifest taken by each rank
-    work_dir: str = "work"
     tracking_uri: str = ""  # resolved by launch() from the launching environment, so all ranks agree
 
-
-def job_from_config(
-    cfg: TrainingConfig, task: Task, run_name: str, *, dataset: DatasetInfo, config: dict[str, Any],
-    files: dict[str, bytes], pinned: DataSnapshot | None = None,
-) -> TrainJob:  # fmt: skip
-    """A ``TrainJob`` from a job's config; ``config`` is the resolved config with secrets masked. A local
-    ``data.manifest`` is made absolute: Ray Train workers run in their own folder, not the launcher's."""
-    data = replace(cfg.data, manifest=absolute(cfg.data.manifest))
-    return TrainJob(
-        task=task, data=data, optim=cfg.optim, schedule=cfg.schedule, checkpoint=cfg.checkpoint,
-        parallel=cfg.parallel, tracking=cfg.tracking, run_name=run_name, config=config, files=files,
-        dataset=dataset, snapshot=pinned, work_dir=cfg.work_dir,
-    )  # fmt: skip
+    def __post_init__(self):
+        data = replace(self.cfg.data, manifest=absolute(self.cfg.data.manifest))
+        self.cfg = replace(self.cfg, data=data, work_dir=absolute(self.cfg.work_dir))
 
 
 def default_run_name(prefix: str) -> str:
@@ -128,7 +105,7 @@ class TrainingStopped(RuntimeError):
 
 
 def stop_marker(job: TrainJob) -> str:
-    return f"{run_folder(job.checkpoint.storage_path, job.run_name)}/{STOPPED_NAME}"
+    return f"{run_folder(job.cfg.checkpoint.storage_path, job.run.name)}/{STOPPED_NAME}"
 
 
 def _write_stop(job: TrainJob, err: BaseException) -> None:
@@ -148,12 +125,12 @@ def _read_stop(job: TrainJob) -> str | None:
 
 def summary_table(job: TrainJob, metrics: dict[str, Any]) -> str:
     """The closing summary of a job: what ran, where its outputs are, and the last metrics."""
-    tracked = redact(job.tracking_uri or tracking_uri(job.work_dir))
-    model = job.tracking.registered_model
+    tracked = redact(job.tracking_uri or tracking_uri(job.cfg.work_dir))
+    model = job.cfg.tracking.registered_model
     rows = [
-        ("run", job.run_name),
-        ("checkpoints", redact(run_folder(job.checkpoint.storage_path, job.run_name))),
-        ("mlflow", f"{tracked} (experiment {job.tracking.experiment})"),
+        ("run", job.run.name),
+        ("checkpoints", redact(run_folder(job.cfg.checkpoint.storage_path, job.run.name))),
+        ("mlflow", f"{tracked} (experiment {job.cfg.tracking.experiment})"),
         ("model", f"models:/{model}@latest" if model else "not registered (tracking.registered_model is empty)"),
     ]
     rows += [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in sorted(metrics.items())]
@@ -186,31 +163,31 @@ def train_worker(config: dict[str, Any]) -> None:
 
     from tvlt_core.data.stream import StreamingLoader
     from tvlt_core.train.engine import build_engine
-    from tvlt_core.train.loop import DETERMINISTIC_FAILURES, LoopSettings, Trainer
+    from tvlt_core.train.loop import DETERMINISTIC_FAILURES, Trainer
 
     job: TrainJob = config["job"]
+    cfg, data = job.cfg, job.cfg.data
     rank = distributed.current()  # Ray Train has set up the process group
     distributed.setup_logging(rank.rank)
     # the launcher's MLflow for everything in this worker, models:/ URIs of checkpoint.init_from included
     os.environ["MLFLOW_TRACKING_URI"] = job.tracking_uri
     model = job.task.build_model()
     loader = StreamingLoader(
-        job.snapshot or job.data.manifest, job.task.batcher(model), batch_size=job.data.batch_size, rank=rank.rank,
-        world_size=rank.world_size, num_workers=job.data.num_workers, seed=job.data.seed,
-        shuffle_buffer=job.data.shuffle_buffer, policy=job.data.read_policy(),
+        job.snapshot or data.manifest, job.task.batcher(model), batch_size=data.batch_size, rank=rank.rank,
+        world_size=rank.world_size, num_workers=data.num_workers, seed=data.seed, shuffle_buffer=data.shuffle_buffer,
+        policy=data.read_policy(),
     )  # fmt: skip
-    engine = build_engine(model, job.optim, job.parallel, job.data.batch_size, rank.world_size)
+    engine = build_engine(model, cfg.optim, cfg.parallel, data.batch_size, rank.world_size)
     tracker = None
     if rank.is_main:
         tracker = RunTracker.start(
-            experiment=job.tracking.experiment, run_name=job.run_name, params=job.config, dataset=job.dataset,
-            system_metrics=job.tracking.system_metrics, work_dir=job.work_dir, files=job.files,
+            experiment=cfg.tracking.experiment, run_name=job.run.name, params=job.run.config, dataset=job.run.dataset,
+            system_metrics=cfg.tracking.system_metrics, work_dir=cfg.work_dir, files=job.files,
         )  # fmt: skip
     nodes = distributed.all_gather_object(ray.get_runtime_context().get_node_id())
     if tracker is not None:
         tracker.set_tag("tvlt.ray_nodes", str(len(set(nodes))))  # how the ranks were spread over machines
-    settings = LoopSettings(job.optim, job.schedule, job.checkpoint, job.tracking, job.run_name, job.config, job.dataset)
-    trainer = Trainer(engine, job.task, loader, settings, rank=rank, tracker=tracker, report=_report)
+    trainer = Trainer(engine, job.task, loader, cfg, job.run, rank=rank, tracker=tracker, report=_report)
     try:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -220,7 +197,8 @@ def train_worker(config: dict[str, Any]) -> None:
                 tracker.set_tag("tvlt.resumed_from_step", str(trainer.step))
         log.info(
             "%s: %d samples, %d steps per epoch per rank, %d ranks, training steps %d..%d",
-            job.run_name, loader.num_samples, loader.steps_per_epoch, rank.world_size, trainer.step, job.schedule.max_steps,
+            job.run.name, loader.num_samples, loader.steps_per_epoch, rank.world_size, trainer.step,
+            cfg.schedule.max_steps,
         )  # fmt: skip
         summary = trainer.train()
     except DETERMINISTIC_FAILURES as err:
@@ -245,12 +223,11 @@ def launch(job: TrainJob):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    p = job.parallel
-    job.work_dir = os.path.abspath(job.work_dir)  # workers do not share the driver's current directory
-    job.tracking_uri = job.tracking_uri or tracking_uri(job.work_dir)
+    p = job.cfg.parallel
+    job.tracking_uri = job.tracking_uri or tracking_uri(job.cfg.work_dir)
     connect_ray(need_cpus=p.num_workers * p.cpus_per_worker, dashboard=True)  # a local Ray lives until the process ends
     resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {})}
-    storage_path, filesystem = _storage(job.checkpoint.storage_path)
+    storage_path, filesystem = _storage(job.cfg.checkpoint.storage_path)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job},
@@ -259,14 +236,14 @@ def launch(job: TrainJob):
             placement_strategy=p.placement_strategy,
         ),
         run_config=RunConfig(
-            name=job.run_name, storage_path=storage_path, storage_filesystem=filesystem,
+            name=job.run.name, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=p.max_failures),
-            checkpoint_config=RayCheckpointConfig(num_to_keep=job.checkpoint.keep),
+            checkpoint_config=RayCheckpointConfig(num_to_keep=job.cfg.checkpoint.keep),
         ),
     )  # fmt: skip
     _read_stop(job)  # a stale one from an earlier launch
     result = trainer.fit()
     stopped = _read_stop(job)
     if stopped is not None:
-        raise TrainingStopped(f"run {job.run_name}: {stopped}")
+        raise TrainingStopped(f"run {job.run.name}: {stopped}")
     return result
