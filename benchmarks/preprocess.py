@@ -61,8 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from tvlt_core import clips  # noqa: E402
-from pipelines.synthetic import generate_corpus, load_corpus  # noqa: E402
-from pipelines.synthetic.spec import GOP_SECONDS  # noqa: E402
+from synthetic import generate_corpus, load_corpus  # noqa: E402
+from synthetic.spec import GOP_SECONDS  # noqa: E402
 
 LENGTH_S, FRAMES = 10.0, 8
 FPS = 30  # the corpus's frame rate

@@ -37,7 +37,7 @@ def setup(work: Path, duration: float):
     """(video path, sentence, model URI, tracking URI): a synthetic grounding video and a registered tiny TVP."""
     import torch
 
-    from pipelines.synthetic import generate_corpus
+    from synthetic import generate_corpus
     from tvlt_core.models.tvp import TvpForVideoGrounding, tvp_tiny_config
     from tvlt_core.text import TextTokenizer, build_vocab
     from tvlt_core.tracking import RunTracker

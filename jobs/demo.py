@@ -17,7 +17,7 @@ Stages, each a named function below, in order; everything goes under ``work_dir`
                 splits/pretrain-{train,test}.jsonl; grounding uses the corpus's Charades-STA train/test split
     preprocess  Ray Data into WebDataset shards: shards/{pretrain,grounding}-{train,test}
     pretrain    TVLT (MAE + matching) on 2 DeepSpeed ZeRO workers under Ray Train, registered as tvlt-pretrain
-    vocab       a WordPiece vocabulary from the training split's sentences (pipelines.build_vocab) in vocab/
+    vocab       a WordPiece vocabulary from the training split's sentences (jobs.build_vocab) in vocab/
     finetune    TVP grounding from scratch with that vocabulary, the same machinery, registered as tvp-grounding
     evaluate    both pulled from the registry (models:/NAME@latest), evaluated on the held-out shards on Ray actors
                 beside their baselines, logged to MLflow, @champion moved when better
@@ -41,10 +41,10 @@ from typing import Any, TypeVar
 from jobs import evaluate, finetune_tvp, preprocess, pretrain
 from jobs.cli import run
 from jobs.config import parse, write_resolved
-from pipelines.build_vocab import VocabSummary, build_and_save
+from jobs.build_vocab import VocabSummary, build_and_save
 from pipelines.config import PreprocessConfig
-from pipelines.synthetic import CorpusInfo, generate_corpus, load_corpus
-from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION, corpus_options
+from synthetic import CorpusInfo, generate_corpus, load_corpus
+from synthetic.corpus import CORPUS_JSON, FORMAT_VERSION, corpus_options
 from tvlt_core import shards
 from tvlt_core.eval import Report
 from tvlt_core.ray_session import connect_ray
@@ -159,7 +159,7 @@ def _same_corpus(root: Path, seed: int, counts: dict[str, int], options: dict) -
 
 def stage_corpus(cfg: CorpusSection, work: Path) -> tuple[CorpusInfo, CorpusInfo]:
     """(pretraining + broken corpus, grounding corpus)."""
-    from pipelines.synthetic import BROKEN_KINDS
+    from synthetic import BROKEN_KINDS
 
     counts = {"pretrain": cfg.pretrain_videos, "broken": len(BROKEN_KINDS) if cfg.broken else 0}
     pretrain_corpus = _same_corpus(work / "corpus", cfg.seed, counts, corpus_options()) or generate_corpus(

@@ -11,7 +11,7 @@ import webdataset as wds
 
 from tvlt_core import shards
 
-from pipelines.synthetic import CorpusInfo, generate_corpus
+from synthetic import CorpusInfo, generate_corpus
 
 SYNTHETIC_SEED = 1234
 

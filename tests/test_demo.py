@@ -74,8 +74,8 @@ def test_main_job_runs_every_stage_and_a_second_run_redoes_nothing(tmp_path, mon
 
 
 def test_a_corpus_from_an_older_generator_is_made_again(tmp_path):
-    from pipelines.synthetic import generate_corpus
-    from pipelines.synthetic.corpus import CORPUS_JSON, FORMAT_VERSION, corpus_options
+    from synthetic import generate_corpus
+    from synthetic.corpus import CORPUS_JSON, FORMAT_VERSION, corpus_options
 
     generate_corpus(tmp_path, n_pretrain=1, seed=3, workers=1)
     options = corpus_options()

@@ -148,7 +148,7 @@ def shard_uris(fs: s3fs.S3FileSystem, name: str) -> set[str]:
 def test_scheduled_preprocessing_runs_each_slot_once_and_only_new_videos(cluster, tmp_path):
     if not (ROOT / "jobs" / "preprocess.py").exists():
         pytest.fail("jobs/preprocess.py, which the schedule runs, does not exist")
-    from pipelines.synthetic import generate_corpus
+    from synthetic import generate_corpus
 
     corpus = generate_corpus(tmp_path / "corpus", n_pretrain=3, seed=11, size=(160, 120), fps=15,
                              duration=(2.0, 3.0), workers=1)

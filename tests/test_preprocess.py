@@ -271,7 +271,7 @@ def reference_keyframe_times(path: str) -> np.ndarray:
 
 
 def test_keyframe_sampling_stores_each_clips_keyframe_nearest_its_instants(ray_cluster, tmp_path):
-    from pipelines.synthetic import generate_corpus
+    from synthetic import generate_corpus
 
     corpus = generate_corpus(tmp_path / "corpus", n_pretrain=2, seed=5, size=(320, 240), duration=(4.0, 5.0),
                              gop_seconds=0.5, workers=1)  # fmt: skip

@@ -15,10 +15,10 @@ import decord
 import numpy as np
 import pytest
 
-from pipelines.synthetic import BROKEN_KINDS, COLOURS, PITCHES_HZ, class_of, generate_corpus, load_corpus
-from pipelines.synthetic.cli import main
-from pipelines.synthetic.render import TONE_AMPLITUDE, in_intervals
-from pipelines.synthetic.spec import DIM, Overrides, centre_square, grid_frames, plan_grounding, plan_pretrain
+from synthetic import BROKEN_KINDS, COLOURS, PITCHES_HZ, class_of, generate_corpus, load_corpus
+from synthetic.cli import main
+from synthetic.render import TONE_AMPLITUDE, in_intervals
+from synthetic.spec import DIM, Overrides, centre_square, grid_frames, plan_grounding, plan_pretrain
 
 # Max minus min channel. The grey background decodes at 0; palette colours reach 140-190 at full brightness and
 # 70-95 at half. Where a shape has just vanished, h264 may leave a few ghost pixels of up to about 70.

@@ -21,7 +21,7 @@ from tvlt_core.train.config import (
 )  # fmt: skip
 from tvlt_core.train.engine import SafeCheckpointEngine, build_engine, deepspeed_config, full_state_dict
 from tvlt_core.train.loop import NonFiniteLossError, Trainer
-from tvlt_core.train.schedule import lr_at
+from tvlt_core.train.lr_schedule import lr_at
 from tvlt_core.train.tasks import TvltPretrainTask
 
 

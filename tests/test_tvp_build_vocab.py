@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipelines.build_vocab import main
+from jobs.build_vocab import main
 from tvlt_core.models.tvp import TvpForVideoGrounding, tvp_tiny_config
 from tvlt_core.text import TextTokenizer
 

@@ -114,7 +114,7 @@ class TextTokenizer:
             return cls(tokenizer, max_text_length, lowercase=bool(normalizer.get("lowercase", True)))
         if not fs.exists(f"{root}/{VOCAB_NAME}"):
             raise FileNotFoundError(
-                f"{path}: neither {TOKENIZER_NAME} nor {VOCAB_NAME}; build one with pipelines.build_vocab"
+                f"{path}: neither {TOKENIZER_NAME} nor {VOCAB_NAME}; build one with jobs.build_vocab"
             )
         with fs.open(f"{root}/{VOCAB_NAME}", "r", encoding="utf-8") as f:
             vocab = [line.rstrip("\n") for line in f]

@@ -29,7 +29,7 @@ from tvlt_core.train import checkpointing
 from tvlt_core.train.export import export_and_register
 from tvlt_core.train.config import TrainingConfig
 from tvlt_core.train.engine import plain_grad_norm
-from tvlt_core.train.schedule import lr_at
+from tvlt_core.train.lr_schedule import lr_at
 from tvlt_core.train.tasks import Task
 
 log = logging.getLogger(__name__)

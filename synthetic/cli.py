@@ -1,10 +1,10 @@
 """Command line of the synthetic corpus generator.
 
-    python -m pipelines.synthetic --out DIR --videos N --seed S [--grounding M] [--broken] [--size WxH] [--fps F]
+    python -m synthetic --out DIR --videos N --seed S [--grounding M] [--broken] [--size WxH] [--fps F]
                                   [--duration A-B] [--audio-rate R] [--gop SECONDS] [--workers W]
 
 Example, the preprocessing benchmark's uniform corpus:
-    python -m pipelines.synthetic --out /tmp/bench --videos 24 --seed 0 --size 640x360 --fps 30 --duration 10-30
+    python -m synthetic --out /tmp/bench --videos 24 --seed 0 --size 640x360 --fps 30 --duration 10-30
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipelines.synthetic.corpus import CorpusInfo, generate_corpus
+from synthetic.corpus import CorpusInfo, generate_corpus
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -34,7 +34,7 @@ def _duration(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.synthetic", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--videos", type=int, required=True, help="number of pretraining clips")
     p.add_argument("--seed", type=int, default=0, help="same seed => same files (default 0)")

@@ -20,7 +20,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from pipelines.synthetic.spec import Media
+from synthetic.spec import Media
 
 X264_PRESET = "veryfast"
 X264_CRF = 23

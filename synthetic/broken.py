@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipelines.synthetic.mp4 import write_mp4
-from pipelines.synthetic.render import pretrain_audio, pretrain_frames
-from pipelines.synthetic.spec import Profile, VideoSpec, pretrain_spec, rng_for
+from synthetic.mp4 import write_mp4
+from synthetic.render import pretrain_audio, pretrain_frames
+from synthetic.spec import Profile, VideoSpec, pretrain_spec, rng_for
 
 # Source of every broken file: a small, short, valid clip.
 SOURCE_PROFILE = Profile(160, 120, 25, (2.0, 2.0), 16000, 1)

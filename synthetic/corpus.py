@@ -21,10 +21,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.synthetic.broken import BY_NAME, plan_broken, write_broken
-from pipelines.synthetic.mp4 import write_mp4
-from pipelines.synthetic.render import render
-from pipelines.synthetic.spec import (COLOURS, N_CLASSES, Overrides, VideoSpec, assign_splits, class_of,
+from synthetic.broken import BY_NAME, plan_broken, write_broken
+from synthetic.mp4 import write_mp4
+from synthetic.render import render
+from synthetic.spec import (COLOURS, N_CLASSES, Overrides, VideoSpec, assign_splits, class_of,
                                       plan_grounding, plan_pretrain)
 
 log = logging.getLogger(__name__)

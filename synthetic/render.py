@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipelines.synthetic.spec import COLOURS, DIM, Media, VideoSpec, centre_square
+from synthetic.spec import COLOURS, DIM, Media, VideoSpec, centre_square
 
 TONE_AMPLITUDE = 0.4  # pretraining beeps
 EVENT_AMPLITUDE = 0.25  # grounding event tones

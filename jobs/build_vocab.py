@@ -1,11 +1,11 @@
 """Build a BERT WordPiece vocabulary for TVP from grounding annotation sentences, for corpora with no pretrained one.
 
-    python -m pipelines.build_vocab --annotations FILE... --out DIR [--vocab-size N] [--min-frequency F]
-                                    [--max-text-length L]
+    python jobs/build_vocab.py --annotations FILE... --out DIR [--vocab-size N] [--min-frequency F]
+                               [--max-text-length L]
 
 Example, the synthetic corpus:
-    python -m pipelines.synthetic --out /tmp/corpus --videos 4 --grounding 8
-    python -m pipelines.build_vocab --annotations /tmp/corpus/grounding/charades_sta_train.txt --out /tmp/tvp-vocab
+    python -m synthetic --out /tmp/corpus --videos 4 --grounding 8
+    python jobs/build_vocab.py --annotations /tmp/corpus/grounding/charades_sta_train.txt --out /tmp/tvp-vocab
 
 FILE is Charades-STA text (``VIDEO_ID START END##SENTENCE``) or, ending in ``.json``, ActivityNet Captions; local
 paths or fsspec URLs. DIR receives ``vocab.txt``, ``tokenizer.json`` and ``tokenizer_config.json``, the layout
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import fsspec
 
 from pipelines.annotations import parse_activitynet, parse_charades_sta
-from tvlt_core.text import DEFAULT_MAX_TEXT_LENGTH, UNK, TextTokenizer, build_vocab
+from tvlt_core.text import DEFAULT_MAX_TEXT_LENGTH, DEFAULT_VOCAB_SIZE, UNK, TextTokenizer, build_vocab
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def read_sentences(urls: list[str]) -> list[str]:
 def build_and_save(
     urls: list[str],
     out: str,
-    vocab_size: int = 2000,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     min_frequency: int = 1,
     max_text_length: int = DEFAULT_MAX_TEXT_LENGTH,
 ) -> VocabSummary:
@@ -77,10 +77,11 @@ def build_and_save(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipelines.build_vocab", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python jobs/build_vocab.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--annotations", nargs="+", required=True, metavar="FILE", help="annotation files or URLs")
     p.add_argument("--out", required=True, help="output folder or URL (created)")
-    p.add_argument("--vocab-size", type=int, default=2000, help="at most this many tokens (default 2000)")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help=f"at most this many tokens (default {DEFAULT_VOCAB_SIZE})")
     p.add_argument("--min-frequency", type=int, default=1, help="drop pieces seen fewer times (default 1)")
     p.add_argument("--max-text-length", type=int, default=DEFAULT_MAX_TEXT_LENGTH,
                    help="tokens per sentence after padding, [CLS] and [SEP] included (default %(default)s)")
