@@ -44,7 +44,7 @@ upgrade: $(BIN)/uv
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo $(ARGS)
 
-# Every test, both tiers (385 tests; 24-41 min on 2 quiet cores, 2026-12-02); what CI runs.
+# Every test, both tiers (387 tests; 24-41 min on 2 quiet cores, 2026-12-02/03); what CI runs.
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
