@@ -109,7 +109,8 @@ def probe_source(row: SourceRow, settings: StageSettings, sandbox: Sandbox) -> N
     add_time(row.timing, "probe", time.perf_counter() - start)
 
 
-def _probe(row: SourceRow, s: StageSettings, sandbox: Sandbox) -> None:
+def _probe(row: SourceRow, s: StageSettings, sandbox: Sandbox) -> SourceRow | None:
+    """``probe_source``'s checks, in place on ``row``; each rejection returns ``fail``'s (the same) row."""
     if row.size == 0:
         return fail(row, "probe", "empty_object", "the object is 0 bytes long")
     if row.size < 0:
@@ -372,7 +373,7 @@ def write_stage(result: ResultRow, settings: StageSettings, counter: Retries | N
     """Write the segment's tar to the generation's work folder under a name fixed by (source, segment), retrying
     transient failures; a part that cannot be written defers its source."""
     start = time.perf_counter()
-    data, result.part, result.part_bytes = result.part, b"", len(result.part)
+    data, result.part, result.part_bytes = result.part, b"", len(result.part)  # the bytes leave the row here
     if data:
         url = writer.part_url(settings.work_url, result.sid, result.seg)
         try:
