@@ -13,7 +13,7 @@ training video's segments cannot be memorised. THREADS=1 runs two at once on 2 c
 Measured 2026-12-07 (see README, "What it shows today").
 """
 
-import argparse, glob, json, math, random, sys, time
+import argparse, glob, random, time
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from tvlt_core import shards, metrics, video
