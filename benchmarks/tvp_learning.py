@@ -13,7 +13,11 @@ training video's segments cannot be memorised. THREADS=1 runs two at once on 2 c
 Measured 2026-12-07 (see README, "What it shows today").
 """
 
-import argparse, glob, random, time
+import argparse
+import glob
+import os
+import random
+import time
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
 from tvlt_core import shards, metrics, video
@@ -25,12 +29,19 @@ from tvlt_core.text import TextTokenizer
 from tvlt_core.train.lr_schedule import lr_at
 
 p = argparse.ArgumentParser()
-p.add_argument("--data", default="/tmp/g19-0"); p.add_argument("--steps", type=int, default=1500)
-p.add_argument("--ws", type=float, default=1.0); p.add_argument("--qt", type=float, default=1.0)
-p.add_argument("--fw", type=float, default=0.0); p.add_argument("--fw_own", action="store_true")
-p.add_argument("--batch", type=int, default=16); p.add_argument("--lr", type=float, default=1e-3)
-p.add_argument("--seed", type=int, default=0); p.add_argument("--eval_every", type=int, default=250)
-p.add_argument("--tag", default="x"); p.add_argument("--corpus_seed", type=int, default=0); p.add_argument("--shuffle", action="store_true")
+p.add_argument("--data", default="/tmp/g19-0")
+p.add_argument("--steps", type=int, default=1500)
+p.add_argument("--ws", type=float, default=1.0)
+p.add_argument("--qt", type=float, default=1.0)
+p.add_argument("--fw", type=float, default=0.0)
+p.add_argument("--fw_own", action="store_true")
+p.add_argument("--batch", type=int, default=16)
+p.add_argument("--lr", type=float, default=1e-3)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--eval_every", type=int, default=250)
+p.add_argument("--tag", default="x")
+p.add_argument("--corpus_seed", type=int, default=0)
+p.add_argument("--shuffle", action="store_true")
 
 def make_data(work, seed):
     """Grounding shards + vocabulary as the main job builds them, into ``work``."""
@@ -55,7 +66,9 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
     a = p.parse_args()
     if not glob.glob(f"{a.data}/shards/grounding-train/*.tar"):
         make_data(a.data, a.corpus_seed)
-    import os; torch.set_num_threads(int(os.environ.get("THREADS", "2"))); torch.manual_seed(a.seed); rng = random.Random(a.seed)
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    torch.manual_seed(a.seed)
+    rng = random.Random(a.seed)
 
     def load(folder):
         out = []
@@ -111,7 +124,10 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
         """The video with its runs of frames (each event's frames, each gap between) in a random order, the queries'
         segments moved with their frames (offsets from the first sampled frame kept)."""
         import copy
-        rec = sample.record; times = np.asarray(rec["frame_times"]); qs = rec["queries"]; n = len(times)
+        rec = sample.record
+        times = np.asarray(rec["frame_times"])
+        qs = rec["queries"]
+        n = len(times)
         if len(sample.frames) != n:
             return sample
         ev = np.full(n, -1)
@@ -124,7 +140,8 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
             j = i
             while j < n and ev[j] == ev[i]:
                 j += 1
-            runs.append((i, j)); i = j
+            runs.append((i, j))
+            i = j
         rng.shuffle(runs)
         order = np.concatenate([np.arange(i, j) for i, j in runs])
         dt = float(rec["duration"]) / n
@@ -161,19 +178,22 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
         rows = []
         for s in samples:
             px = video.tvp_preprocess(s.frames[uniform_indices(len(s.frames), 16, repeat=True)], 64)
-            qs = s.record["queries"]; d = float(s.record["duration"])
+            qs = s.record["queries"]
+            d = float(s.record["duration"])
             text = tok([q["sentence"] for q in qs])
             out = TvpForGroundingWithAids.forward(model, text["input_ids"], px[None].expand(len(qs), -1, -1, -1, -1),
                                                   text["attention_mask"])
             for q, lg in zip(qs, out.logits):
                 rows.append((s.key, [float(q["start"]), float(q["end"])], (lg * d).tolist()))
         model.train()
-        true = torch.tensor([r[1] for r in rows], dtype=torch.float64); pred = torch.tensor([r[2] for r in rows], dtype=torch.float64)
+        true = torch.tensor([r[1] for r in rows], dtype=torch.float64)
+        pred = torch.tensor([r[2] for r in rows], dtype=torch.float64)
         m = metrics.grounding_metrics(pred, true)
         sw = metrics.query_swap(pred, true, metrics.distinct_event_pairs([r[0] for r in rows], true))
         return m, sw
 
-    t0 = time.time(); order = []
+    t0 = time.time()
+    order = []
     hist = {}
     for step in range(1, a.steps + 1):
         for g in opt.param_groups:
@@ -184,7 +204,10 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
         b = batch_of([train[i] for i in pick])
         out = model(b["input_ids"], b["pixel_values"], b["attention_mask"], b["labels"], word_segments=b["word_segments"],
                     word_segment_mask=b["word_segment_mask"], query_token_mask=b["query_token_mask"], frame_words=b["frame_words"])
-        opt.zero_grad(); out.loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
         for k in ("grounding_loss", "word_segment_loss", "query_token_loss", "frame_word_loss"):
             v = getattr(out, k, None)
             if v is not None:
@@ -192,7 +215,8 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
         if step % 50 == 0:
             print(f"[{a.tag}] step {step} {time.time()-t0:.0f}s " + " ".join(f"{k.split('_')[0]}={np.mean(v[-50:]):.3f}" for k, v in hist.items()), flush=True)
         if step % a.eval_every == 0 or step == a.steps:
-            mt, _ = evaluate(train); m, sw = evaluate(test)
+            mt, _ = evaluate(train)
+            m, sw = evaluate(test)
             print(f"[{a.tag}] EVAL step {step}: train R@1@0.5 {mt[metrics.recall_key(0.5)]:.3f} | test R@1 0.3/0.5/0.7 "
                   f"{m[metrics.recall_key(0.3)]:.3f}/{m[metrics.recall_key(0.5)]:.3f}/{m[metrics.recall_key(0.7)]:.3f} "
                   f"mIoU {m['miou']:.3f} swap lands {sw['swap_lands_on_other']:.3f} own {sw['swap_own_on_other']:.3f} moved {sw['swap_moved']:.3f}", flush=True)
