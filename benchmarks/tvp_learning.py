@@ -20,8 +20,10 @@ import random
 import time
 import numpy as np, torch, torch.nn.functional as F
 from torch import nn
-from tvlt_core import shards, metrics, video
+from tvlt_core import metrics, shards
 from tvlt_core.data.stream import read_shard
+from tvlt_core.eval.settings import EvalSettings
+from tvlt_core.eval.tvp import TvpEvaluator
 from tvlt_core.data.batches import TvpBatcher, uniform_indices
 from tvlt_core.models.tvp import tvp_tiny_config
 from tvlt_core.models.tvp_aids import TvpForGroundingWithAids
@@ -98,7 +100,7 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
                         target[i, tid] = 1.0
         return target
     for s in train:
-        s.fw = frame_targets(s)
+        s.fw = frame_targets(s) if a.fw else None
 
     class Aided(TvpForGroundingWithAids):
         def __init__(self, config, fw):
@@ -166,30 +168,28 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
         if a.shuffle:
             samples = [shuffled(s) for s in samples]
             for s in samples:
-                s.fw = frame_targets(s)
+                s.fw = frame_targets(s) if a.fw else None
         items = [batcher.prepare(s, rng) for s in samples]
         b = batcher.collate(items, rng)
-        b["frame_words"] = torch.stack([s.fw for s in samples])
+        b["frame_words"] = torch.stack([s.fw for s in samples]) if a.fw else None
         return b
 
     @torch.no_grad()
     def evaluate(samples):
-        model.eval()
-        rows = []
+        """(grounding metrics, query-swap shares) over every query of ``samples``, through the evaluation job's
+        own pixels and predict (``TvpEvaluator``)."""
+        evaluator = TvpEvaluator(model, tok, EvalSettings())  # puts the model in eval mode
+        queries = []
         for s in samples:
-            px = video.tvp_preprocess(s.frames[uniform_indices(len(s.frames), 16, repeat=True)], 64)
-            qs = s.record["queries"]
-            d = float(s.record["duration"])
-            text = tok([q["sentence"] for q in qs])
-            out = TvpForGroundingWithAids.forward(model, text["input_ids"], px[None].expand(len(qs), -1, -1, -1, -1),
-                                                  text["attention_mask"])
-            for q, lg in zip(qs, out.logits):
-                rows.append((s.key, [float(q["start"]), float(q["end"])], (lg * d).tolist()))
+            pixels = evaluator.pixels(s.frames)
+            queries += [{"key": s.key, "duration": float(s.record["duration"]), "sentence": q["sentence"],
+                         "true": [float(q["start"]), float(q["end"])], "pixels": pixels} for q in s.record["queries"]]
+        rows = [r for i in range(0, len(queries), 16) for r in evaluator.predict(queries[i:i + 16])]
         model.train()
-        true = torch.tensor([r[1] for r in rows], dtype=torch.float64)
-        pred = torch.tensor([r[2] for r in rows], dtype=torch.float64)
+        true = torch.tensor([r["true"] for r in rows], dtype=torch.float64)
+        pred = torch.tensor([r["predicted"] for r in rows], dtype=torch.float64)
         m = metrics.grounding_metrics(pred, true)
-        sw = metrics.query_swap(pred, true, metrics.distinct_event_pairs([r[0] for r in rows], true))
+        sw = metrics.query_swap(pred, true, metrics.distinct_event_pairs([r["key"] for r in rows], true))
         return m, sw
 
     t0 = time.time()
