@@ -9,7 +9,11 @@ grounding preprocessing and vocabulary). --ws/--qt: the word-segment and query-t
 (tvlt_core.models.tvp_aids); --fw: a per-frame word head on each frame's visual features before the temporal mean
 (BCE on the tokens of the sentence whose segment holds the frame), an experiment only; --shuffle: each draw shows the
 video with its runs of frames (each event, each gap) in a random order and the segments moved with them, so a
-training video's segments cannot be memorised. THREADS=1 runs two at once on 2 cores (about 0.46 s a step each).
+training video's segments cannot be memorised; --fw_bins B: the frame head's targets are each word crossed with the
+frame's time bin (B bins over the video, positives and negatives weighted alike), so each frame's features must say
+what is seen *and when* before the mean; --frame_tokens: not TVP, one visual token per frame (the unused position
+table as a temporal embedding) instead of the mean over frames, to test whether the mean is the limit.
+THREADS=1 runs two at once on 2 cores (about 0.46 s a step each).
 Measured 2026-12-07 (see README, "What it shows today").
 """
 
@@ -37,6 +41,8 @@ p.add_argument("--ws", type=float, default=1.0)
 p.add_argument("--qt", type=float, default=1.0)
 p.add_argument("--fw", type=float, default=0.0)
 p.add_argument("--fw_own", action="store_true")
+p.add_argument("--fw_bins", type=int, default=0)
+p.add_argument("--frame_tokens", action="store_true")
 p.add_argument("--batch", type=int, default=16)
 p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--seed", type=int, default=0)
@@ -98,6 +104,9 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
                     own = w.difference(*(x for x in ids if x is not w)) if a.fw_own else w
                     for tid in own:
                         target[i, tid] = 1.0
+        if a.fw_bins:  # word x time-bin conjunction: (T, V * B)
+            bins = torch.nn.functional.one_hot(torch.arange(16) * a.fw_bins // 16, a.fw_bins).float()
+            target = (target[:, :, None] * bins[:, None, :]).flatten(1)
         return target
     for s in train:
         s.fw = frame_targets(s) if a.fw else None
@@ -107,19 +116,34 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
             super().__init__(config, word_segment_weight=a.ws, query_token_weight=max(a.qt, 0.0))
             self.fw = fw
             if fw:
-                self.frame_word_head = nn.Linear(config.hidden_size, config.vocab_size)
+                self.frame_word_head = nn.Linear(config.hidden_size, config.vocab_size * max(a.fw_bins, 1))
                 self._grid = None
                 self.model.vision_model.register_forward_hook(lambda m, i, o: setattr(self, "_grid", o))
         def forward(self, *args, frame_words=None, **kw):
             out = super().forward(*args, **kw)
             if self.fw and frame_words is not None:
                 g = self._grid.mean((2, 3))  # (B, T, D)
-                l = F.binary_cross_entropy_with_logits(self.frame_word_head(g), frame_words)
+                logits = self.frame_word_head(g)
+                if a.fw_bins:  # sparse conjunction targets: positives and negatives weigh the same
+                    each = F.binary_cross_entropy_with_logits(logits, frame_words, reduction="none")
+                    pos = frame_words > 0.5
+                    l = each[pos].mean() + each[~pos].mean()
+                else:
+                    l = F.binary_cross_entropy_with_logits(logits, frame_words)
                 out.frame_word_loss = l
                 out.loss = out.loss + self.fw * l
             return out
 
     model = Aided(cfg, a.fw)
+    if a.frame_tokens:  # not TVP: one visual token per frame and grid cell, with a learned temporal embedding
+        emb = model.model.visual_embeddings
+        emb.position_embeddings.requires_grad_(True)
+
+        def per_frame(grid, interpolate_pos_encoding=False):
+            b, t, h, w, d = grid.shape
+            x = grid + emb.position_grid(h, w, False)[:, None] + emb.position_embeddings.weight[:t][None, :, None, None]
+            return emb.dropout(emb.layer_norm(x.reshape(b, t * h * w, d) + emb.token_type_embeddings.weight[0]))
+        emb.forward = per_frame
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
 
     def shuffled(sample):
