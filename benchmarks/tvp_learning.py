@@ -44,6 +44,7 @@ p.add_argument("--fw_own", action="store_true")
 p.add_argument("--fw_bins", type=int, default=0)
 p.add_argument("--frame_tokens", action="store_true")
 p.add_argument("--batch", type=int, default=16)
+FRAMES = 16  # frames per video, as tvp_demo.yaml
 p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--eval_every", type=int, default=250)
@@ -86,18 +87,18 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
         return out
     train, test = load(f"{a.data}/shards/grounding-train"), load(f"{a.data}/shards/grounding-test")
     tok = TextTokenizer.from_folder(f"{a.data}/vocab", 16)
-    cfg = tvp_tiny_config(num_frames=16, max_img_size=64, visual_prompt_size=8, distance_loss_floor=0.0,
+    cfg = tvp_tiny_config(num_frames=FRAMES, max_img_size=64, visual_prompt_size=8, distance_loss_floor=0.0,
                           duration_loss_floor=0.0, vocab_size=tok.vocab_size)
     V = cfg.vocab_size
-    batcher = TvpBatcher(tokenizer=tok, image_size=64, num_frames=16, aids=True)
+    batcher = TvpBatcher(tokenizer=tok, image_size=64, num_frames=FRAMES, aids=True)
 
     def frame_targets(sample):
         """(T, V) multi-hot: the tokens of the sentence whose segment holds each sampled frame's time."""
-        idx = uniform_indices(len(sample.frames), 16, repeat=True)
+        idx = uniform_indices(len(sample.frames), FRAMES, repeat=True)
         times = np.asarray(sample.record["frame_times"])[idx]
         qs = sample.record["queries"]
         ids = [tok.word_ids(q["sentence"]) for q in qs]
-        target = torch.zeros(16, V)
+        target = torch.zeros(FRAMES, V)
         for i, t in enumerate(times):
             for q, w in zip(qs, ids):
                 if float(q["start"]) <= t < float(q["end"]):
@@ -105,7 +106,7 @@ if __name__ == "__main__":  # the corpus generator's worker processes import thi
                     for tid in own:
                         target[i, tid] = 1.0
         if a.fw_bins:  # word x time-bin conjunction: (T, V * B)
-            bins = torch.nn.functional.one_hot(torch.arange(16) * a.fw_bins // 16, a.fw_bins).float()
+            bins = F.one_hot(torch.arange(FRAMES) * a.fw_bins // FRAMES, a.fw_bins).float()
             target = (target[:, :, None] * bins[:, None, :]).flatten(1)
         return target
     for s in train:
